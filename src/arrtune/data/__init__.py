@@ -1,0 +1,1 @@
+"""Data: SFT examples, replay streams, and the built-in task and corpora."""
