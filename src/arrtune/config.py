@@ -1,0 +1,235 @@
+"""Typed, documented training configuration: YAML file + ``key=value`` overrides, validated with clear errors.
+
+Every field's ``help`` says what it does, its unit and its default. A method preset (``method``) fills in
+``kl_coef`` and ``replay_ratio`` when they are not set explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from arrtune.errors import ArrtuneError
+
+#: method -> (kl_coef, replay_ratio); explicit values in the config override these.
+PRESETS: dict[str, tuple[float, float]] = {
+    "sft": (0.0, 0.0),
+    "kl": (0.1, 0.0),
+    "replay": (0.0, 1.0),
+    "arr": (0.1, 1.0),
+}
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Configuration of one ``arrtune train`` run (all fields optional; defaults train the demo setup)."""
+
+    # -- model and data --------------------------------------------------------------------------------
+    model: str = _f("smollm2-135m-instruct", "Model spec: built-in alias, .gguf file, local HF directory or Hub id.")
+    trust_remote_code: bool = _f(False, "Allow model code from the Hub (off by default; only for models you trust).")
+    data: str = _f("builtin:vornish", "SFT data: builtin:vornish, a .jsonl/.json/.parquet file, or a HF dataset id.")
+    data_split: str = _f("train", "Split of a HF dataset (or of the built-in task) used for training.")
+    replay: str = _f("builtin", "Replay corpus: 'builtin', a .txt/.jsonl/.parquet file, or a HF dataset id (streamed).")
+    replay_config: str | None = _f(None, "Config name of a HF replay dataset (e.g. 'sample-10BT' for fineweb-edu).")
+    replay_split: str = _f("train", "Split of a HF replay dataset.")
+    replay_text_field: str = _f("text", "Field/column holding the text in JSONL, parquet and HF replay data.")
+    output_dir: str = _f("runs/arr", "Directory of this run: config.yaml, adapter/, metrics.jsonl, checkpoints.")
+
+    # -- the method -----------------------------------------------------------------------------------
+    method: str = _f("arr", "Preset for kl_coef and replay_ratio: sft (0, 0), kl (0.1, 0), replay (0, 1), arr (0.1, 1).")
+    kl_coef: float | None = _f(None, "Weight of the token-mean KL to the initial model (0 = off). Default: from method.")
+    kl_direction: str = _f("reverse", "'reverse' = KL(policy || initial), 'forward' = KL(initial || policy).")
+    kl_on: str = _f("both", "Tokens carrying the KL: 'sft' (response tokens), 'replay' (replay tokens), 'both'.")
+    kl_mask_target: bool = _f(False, "On SFT tokens, drop the label token from both distributions and renormalise.")
+    kl_topk: int = _f(0, "0 = exact KL over the vocabulary; k > 0 = reference top-k tokens plus a rest bucket.")
+    kl_chunk_rows: int = _f(1024, "Token rows per chunk when computing the KL (bounds transient memory).")
+    replay_ratio: float | None = _f(None, "Replay tokens per SFT token in each step (0 = no replay). Default: from method.")
+    replay_weight: float = _f(1.0, "Weight of the replay cross-entropy in the loss.")
+
+    # -- LoRA -----------------------------------------------------------------------------------------
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: float = _f(32.0, "LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input (probability).")
+    target_modules: list[str] | str = _f("all-linear", "Modules that get adapters: 'all-linear' or a list of names.")
+
+    # -- optimisation ---------------------------------------------------------------------------------
+    learning_rate: float = _f(1e-3, "Peak learning rate (AdamW).")
+    lr_scheduler_type: str = _f("constant_with_warmup", "transformers scheduler name (linear, cosine, constant, ...).")
+    warmup_steps: int = _f(5, "Linear warm-up, in optimizer steps.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_steps: int = _f(60, "Optimizer steps to train; <= 0 means use num_train_epochs.")
+    num_train_epochs: float = _f(1.0, "Epochs over the SFT data when max_steps <= 0.")
+    per_device_train_batch_size: int = _f(8, "SFT examples per device per micro-batch.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    max_length: int = _f(256, "Longest SFT example in tokens; longer ones are dropped and counted.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+    seed: int = _f(0, "Seed for LoRA init, data order and the replay stream.")
+    precision: str = _f("auto", "'fp32', 'bf16' (autocast), or 'auto' (bf16 where the device supports it).")
+
+    # -- logging and checkpoints ----------------------------------------------------------------------
+    logging_steps: int = _f(1, "Log the loss terms every this many optimizer steps.")
+    save_steps: int = _f(0, "Save a resumable checkpoint every this many steps (0 = only the final adapter).")
+    save_total_limit: int = _f(2, "Checkpoints kept on disk.")
+    progress_bar: bool = _f(True, "Show a progress bar on the terminal.")
+
+    # ------------------------------------------------------------------------------------------------
+    def resolved_kl_coef(self) -> float:
+        """kl_coef, or the method preset's value when unset."""
+        return PRESETS[self.method][0] if self.kl_coef is None else float(self.kl_coef)
+
+    def resolved_replay_ratio(self) -> float:
+        """replay_ratio, or the method preset's value when unset."""
+        return PRESETS[self.method][1] if self.replay_ratio is None else float(self.replay_ratio)
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the preset's coefficients written in (what ``config.yaml`` of a run records)."""
+        return dataclasses.replace(self, kl_coef=self.resolved_kl_coef(), replay_ratio=self.resolved_replay_ratio())
+
+    def validate(self) -> TrainConfig:
+        """Check every value; raise ``ArrtuneError`` naming the key. Returns self."""
+        choices = {
+            "method": PRESETS,
+            "kl_direction": ("forward", "reverse"),
+            "kl_on": ("sft", "replay", "both"),
+            "precision": ("fp32", "bf16", "auto"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ArrtuneError(f"config: {key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        checks = [
+            ("kl_coef", self.kl_coef is None or self.kl_coef >= 0, ">= 0"),
+            ("replay_ratio", self.replay_ratio is None or self.replay_ratio >= 0, ">= 0"),
+            ("replay_weight", self.replay_weight >= 0, ">= 0"),
+            ("learning_rate", self.learning_rate > 0, "> 0"),
+            ("lora_r", self.lora_r > 0, "> 0"),
+            ("lora_alpha", self.lora_alpha > 0, "> 0"),
+            ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
+            ("kl_topk", self.kl_topk >= 0, ">= 0"),
+            ("kl_chunk_rows", self.kl_chunk_rows > 0, "> 0"),
+            ("per_device_train_batch_size", self.per_device_train_batch_size > 0, "> 0"),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps > 0, "> 0"),
+            ("max_length", self.max_length > 1, "> 1"),
+            ("num_train_epochs", self.max_steps > 0 or self.num_train_epochs > 0, "> 0 when max_steps <= 0"),
+            ("logging_steps", self.logging_steps > 0, "> 0"),
+            ("save_steps", self.save_steps >= 0, ">= 0"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+        ]
+        for key, ok, rule in checks:
+            if not ok:
+                raise ArrtuneError(f"config: {key}={getattr(self, key)!r} must be {rule}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of all fields."""
+        return dataclasses.asdict(self)
+
+
+def _field_types() -> dict[str, Any]:
+    return get_type_hints(TrainConfig)
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the field's type, with an error naming the key."""
+    hint = _field_types()[key]
+    args = get_args(hint)
+    optional = type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise ArrtuneError(f"{where}: {key} cannot be empty")
+    kinds = [a for a in args if a is not type(None)] or [hint]
+    for kind in kinds:
+        base = get_origin(kind) or kind
+        if base is bool and isinstance(value, bool):
+            return value
+        if base is bool and isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if base is int and not isinstance(value, bool):
+            if isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit()):
+                return int(value)
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+        if base is float and not isinstance(value, bool):
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                pass
+        if base is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        if base is list and isinstance(value, str) and "," in value:
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if base is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ArrtuneError(f"{where}: {key}={value!r} has the wrong type (expected {hint})")
+
+
+def _check_key(key: str, where: str) -> None:
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    if key not in names:
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ArrtuneError(f"{where}: unknown config key '{key}'{hint}")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``key=value`` and parse the value as YAML (so ``0.1``, ``true``, ``[a, b]`` work)."""
+    if "=" not in item:
+        raise ArrtuneError(f"override '{item}': expected key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Build a validated config from a YAML file (optional) and ``key=value`` overrides (applied last)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ArrtuneError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise ArrtuneError(f"{p}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from exc
+        except UnicodeDecodeError as exc:
+            raise ArrtuneError(f"{p}: not valid UTF-8") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ArrtuneError(f"{p}: expected a mapping of config keys")
+        for key, value in loaded.items():
+            _check_key(str(key), str(p))
+            values[key] = _coerce(key, value, str(p))
+    for item in overrides:
+        key, value = parse_override(item)
+        _check_key(key, "override")
+        values[key] = _coerce(key, value, "override")
+    return TrainConfig(**values).validate()
+
+
+def dump_yaml_atomic(data: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write ``data`` as YAML to ``path`` via a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,185 @@
+"""Replay corpora as a resumable, per-rank token stream.
+
+Sources: ``builtin`` (general text from installed packages, see :mod:`arrtune.data.corpora`), a local
+``.txt`` (documents separated by blank lines), ``.jsonl`` or ``.parquet`` file (``text_field`` column), or a
+Hugging Face dataset id read with ``streaming=True`` (e.g. ``HuggingFaceFW/fineweb-edu`` with
+``replay_config: sample-10BT``), so nothing is downloaded in full.
+
+Documents are tokenized, followed by EOS, and concatenated; :meth:`ReplayStream.batch` cuts the next
+``n_tokens`` of that stream into rows of a given width (packing). Rank ``r`` of ``w`` reads documents
+``r, r + w, r + 2w, ...`` of each epoch's (shuffled) order, so ranks never share a document. The
+position (epoch, documents consumed, leftover tokens) is a small dict saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from arrtune.errors import ArrtuneError
+from arrtune.losses import IGNORE_INDEX
+
+
+def _local_texts(source: str, text_field: str) -> list[str]:
+    if source == "builtin":
+        from arrtune.data.corpora import replay_texts
+
+        return list(replay_texts())
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise ArrtuneError(f"replay: file not found: {source}")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:
+            raise ArrtuneError(f"{path}: not a readable parquet file ({exc})") from exc
+        if text_field not in table.column_names:
+            raise ArrtuneError(f"{path}: no column '{text_field}' (columns: {table.column_names})")
+        return [t for t in table.column(text_field).to_pylist() if isinstance(t, str) and t.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ArrtuneError(f"{path}:{line}: not valid UTF-8 ({exc.reason})") from exc
+    if path.suffix == ".jsonl":
+        texts = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ArrtuneError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+            value = row.get(text_field) if isinstance(row, dict) else None
+            if not isinstance(value, str):
+                raise ArrtuneError(f"{path}:{lineno}: field '{text_field}' must be a string")
+            if value.strip():
+                texts.append(value)
+        return texts
+    return [d.strip() for d in text.split("\n\n") if d.strip()]
+
+
+def is_hub_dataset(source: str) -> bool:
+    """True when ``source`` names a Hugging Face dataset rather than a local file or ``builtin``."""
+    return source != "builtin" and not Path(source).expanduser().exists() and source.count("/") == 1 and not source.startswith((".", "/", "~"))
+
+
+class ReplayStream:
+    """A packed, sharded, resumable stream of replay tokens.
+
+    Args:
+        source: ``builtin``, a local file, or a Hugging Face dataset id.
+        tokenizer: the model's tokenizer.
+        text_field: column that holds the text (JSONL, parquet, Hub datasets).
+        rank, world_size: this process's data-parallel rank and the number of ranks.
+        seed: shuffles the document order of each epoch (``seed + epoch``).
+        hf_config, hf_split: dataset config name and split for Hub datasets.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        tokenizer: PreTrainedTokenizerBase,
+        text_field: str = "text",
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        hf_config: str | None = None,
+        hf_split: str = "train",
+    ) -> None:
+        self.source, self.tokenizer, self.text_field = source, tokenizer, text_field
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.hf_config, self.hf_split = hf_config, hf_split
+        self.eos = tokenizer.eos_token_id
+        self.hub = is_hub_dataset(source)
+        self.texts: list[str] = [] if self.hub else _local_texts(source, text_field)
+        if not self.hub and not self.texts:
+            raise ArrtuneError(f"replay: corpus '{source}' has no text")
+        if not self.hub and len(self.texts) < world_size:
+            raise ArrtuneError(f"replay: corpus '{source}' has {len(self.texts)} documents, fewer than {world_size} ranks")
+        self.epoch = 0
+        self.docs_consumed = 0
+        self.buffer: list[int] = []
+        self._docs: Iterator[str] | None = None
+
+    # -- documents -----------------------------------------------------------------------------------
+    def _epoch_documents(self) -> Iterator[str]:
+        if self.hub:
+            import datasets
+            from datasets.distributed import split_dataset_by_node
+
+            ds = datasets.load_dataset(self.source, name=self.hf_config, split=self.hf_split, streaming=True)
+            ds = ds.shuffle(seed=self.seed, buffer_size=10_000)
+            ds.set_epoch(self.epoch)
+            ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
+            return (row[self.text_field] for row in ds.skip(self.docs_consumed))
+        order = list(range(len(self.texts)))
+        random.Random(self.seed + self.epoch).shuffle(order)
+        mine = order[self.rank :: self.world_size]
+        return (self.texts[i] for i in mine[self.docs_consumed :])
+
+    def document_ids(self, epoch: int = 0) -> list[int]:
+        """Indices (into the local corpus) that this rank reads in ``epoch``; for tests and inspection."""
+        order = list(range(len(self.texts)))
+        random.Random(self.seed + epoch).shuffle(order)
+        return order[self.rank :: self.world_size]
+
+    def _fill(self, n_tokens: int) -> None:
+        empty_epochs = 0
+        while len(self.buffer) < n_tokens:
+            if self._docs is None:
+                self._docs = self._epoch_documents()
+            text = next(self._docs, None)
+            if text is None:  # epoch over: start the next one
+                if self.docs_consumed == 0:
+                    empty_epochs += 1
+                    if empty_epochs > 1:
+                        raise ArrtuneError(f"replay: corpus '{self.source}' yields no documents for rank {self.rank}")
+                self.epoch += 1
+                self.docs_consumed = 0
+                self._docs = None
+                continue
+            self.docs_consumed += 1
+            self.buffer.extend(self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos])
+
+    # -- public --------------------------------------------------------------------------------------
+    def take(self, n_tokens: int) -> list[int]:
+        """The next ``n_tokens`` token ids of this rank's stream."""
+        self._fill(n_tokens)
+        out, self.buffer = self.buffer[:n_tokens], self.buffer[n_tokens:]
+        return out
+
+    def batch(self, n_tokens: int, width: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+        """The next ``n_tokens`` tokens packed into rows of ``width`` (the last row right-padded)."""
+        if n_tokens <= 0:
+            raise ValueError("n_tokens must be positive")
+        tokens = self.take(n_tokens)
+        rows = -(-n_tokens // width)
+        ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
+        attention = torch.zeros((rows, width), dtype=torch.long)
+        flat = torch.tensor(tokens, dtype=torch.long)
+        ids.view(-1)[:n_tokens] = flat
+        attention.view(-1)[:n_tokens] = 1
+        labels = ids.masked_fill(attention == 0, IGNORE_INDEX)
+        return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position in the stream: epoch, documents consumed this epoch, leftover tokens."""
+        return {"epoch": self.epoch, "docs_consumed": self.docs_consumed, "buffer": list(self.buffer),
+                "rank": self.rank, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a position saved by :meth:`state_dict` (same corpus, seed and world size)."""
+        if state.get("world_size", self.world_size) != self.world_size:
+            raise ArrtuneError("replay: cannot resume a replay stream with a different number of processes")
+        self.epoch, self.docs_consumed = int(state["epoch"]), int(state["docs_consumed"])
+        self.buffer = list(state["buffer"])
+        self._docs = None

@@ -1,0 +1,210 @@
+"""SFT data: load examples, turn them into chat messages, tokenize with the model's chat template, and label
+only the assistant (response) tokens.
+
+Sources: ``builtin:vornish`` (the built-in task, see :mod:`arrtune.data.task`), a local ``.jsonl`` /
+``.json`` / ``.parquet`` file, or a Hugging Face dataset id (``org/name``, loaded with ``datasets``).
+Formats, detected per row from its fields:
+
+* chat: ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}``
+* prompt/completion: ``{"prompt": ..., "completion": ...}``
+* Alpaca: ``{"instruction": ..., "input": ... (optional), "output": ...}``
+
+Every assistant turn is a response; its tokens (content and the template's end-of-turn marker) are the
+only ones with labels. Examples longer than ``max_length`` are dropped and counted (truncation could cut
+the response and teach the model to stop mid-answer).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from arrtune.errors import ArrtuneError
+from arrtune.losses import IGNORE_INDEX
+
+
+@dataclass
+class SFTStats:
+    """What happened to the examples while tokenizing."""
+
+    n_in: int = 0
+    n_kept: int = 0
+    n_too_long: int = 0
+    n_empty_response: int = 0
+    dropped_lines: list[str] = field(default_factory=list)
+
+
+def _read_rows(source: str, split: str) -> list[tuple[str, dict]]:
+    """(where, row) pairs; ``where`` names the file and line (or dataset and index) for error messages."""
+    if source.startswith("builtin:"):
+        from arrtune.data.task import make_examples
+
+        name = source.split(":", 1)[1]
+        if name != "vornish":
+            raise ArrtuneError(f"data: unknown built-in task '{name}' (known: vornish)")
+        train, test = make_examples()
+        rows = train if split == "train" else test
+        return [(f"{source}[{i}]", r) for i, r in enumerate(rows)]
+    path = Path(source).expanduser()
+    if path.suffix in {".jsonl", ".json", ".parquet"} or path.exists():
+        if not path.is_file():
+            raise ArrtuneError(f"{source}: data file not found")
+        if path.stat().st_size == 0:
+            raise ArrtuneError(f"{source}: data file is empty")
+        return _read_file(path)
+    if source.count("/") == 1:  # a Hub dataset id
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(source, split=split)
+        except Exception as exc:  # datasets raises many types
+            raise ArrtuneError(f"data: cannot load dataset '{source}' split '{split}': {exc}") from exc
+        return [(f"{source}[{i}]", dict(r)) for i, r in enumerate(ds)]
+    raise ArrtuneError(f"data: '{source}' is not a file, a built-in task (builtin:vornish) or a dataset id")
+
+
+def _read_file(path: Path) -> list[tuple[str, dict]]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as exc:
+            raise ArrtuneError(f"{path}: not a readable parquet file ({exc})") from exc
+        return [(f"{path} row {i + 1}", r) for i, r in enumerate(rows)]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ArrtuneError(f"{path}:{line}: not valid UTF-8 ({exc.reason})") from exc
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ArrtuneError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
+        if not all(isinstance(r, dict) for r in rows):
+            raise ArrtuneError(f"{path}: expected a JSON list of objects")
+        return [(f"{path} item {i + 1}", r) for i, r in enumerate(rows)]
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ArrtuneError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise ArrtuneError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        out.append((f"{path}:{lineno}", row))
+    if not out:
+        raise ArrtuneError(f"{path}: no examples (the file holds only blank lines)")
+    return out
+
+
+def _need_str(row: dict, key: str, where: str, optional: bool = False) -> str:
+    value = row.get(key)
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        got = "missing" if value is None else type(value).__name__
+        raise ArrtuneError(f"{where}: field '{key}' must be a string ({got})")
+    return value
+
+
+def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """Convert one row in any supported format to a list of chat messages (raises ``ArrtuneError``)."""
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise ArrtuneError(f"{where}: field 'messages' must be a non-empty list")
+        out = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ArrtuneError(f"{where}: messages[{i}] needs string fields 'role' and 'content'")
+            out.append({"role": m["role"], "content": m["content"]})
+        if not any(m["role"] == "assistant" for m in out):
+            raise ArrtuneError(f"{where}: 'messages' has no assistant turn to learn from")
+        return out
+    if "prompt" in row or "completion" in row:
+        return [
+            {"role": "user", "content": _need_str(row, "prompt", where)},
+            {"role": "assistant", "content": _need_str(row, "completion", where)},
+        ]
+    if "instruction" in row or "output" in row:
+        instruction = _need_str(row, "instruction", where)
+        extra = _need_str(row, "input", where, optional=True)
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": _need_str(row, "output", where)}]
+    raise ArrtuneError(
+        f"{where}: unknown format, fields {sorted(row)}; expected 'messages', 'prompt'+'completion', "
+        "or 'instruction'+'output'"
+    )
+
+
+def _template(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def tokenize_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """Token ids and labels (``IGNORE_INDEX`` except on assistant turns) using the tokenizer's chat template."""
+    if tokenizer.chat_template is None:
+        raise ArrtuneError("model: the tokenizer has no chat template; use an instruction-tuned model")
+    ids = _template(tokenizer, messages, generation_prompt=False)
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(_template(tokenizer, messages[:i], generation_prompt=True))
+        end = len(_template(tokenizer, messages[: i + 1], generation_prompt=False))
+        labels[start:end] = ids[start:end]
+    return ids, labels
+
+
+def load_sft_examples(
+    source: str, tokenizer: PreTrainedTokenizerBase, max_length: int, split: str = "train"
+) -> tuple[list[dict[str, list[int]]], SFTStats]:
+    """Load, convert and tokenize an SFT source; returns ``[{"input_ids", "labels"}]`` and statistics."""
+    stats = SFTStats()
+    examples = []
+    for where, row in _read_rows(source, split):
+        stats.n_in += 1
+        messages = to_messages(row, where)
+        if not any(m["content"].strip() for m in messages if m["role"] == "assistant"):
+            stats.n_empty_response += 1
+            stats.dropped_lines.append(f"{where}: empty response")
+            continue
+        ids, labels = tokenize_messages(tokenizer, messages)
+        if len(ids) > max_length:
+            stats.n_too_long += 1
+            stats.dropped_lines.append(f"{where}: {len(ids)} tokens > max_length {max_length}")
+            continue
+        examples.append({"input_ids": ids, "labels": labels})
+    stats.n_kept = len(examples)
+    if not examples:
+        raise ArrtuneError(
+            f"{source}: every example was filtered out ({stats.n_too_long} longer than max_length={max_length}, "
+            f"{stats.n_empty_response} with an empty response)"
+        )
+    return examples, stats
+
+
+def collate_sft(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of tokenized examples to the longest one."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        attention[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": attention}
