@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a LoRA adapter with the ARR loss")
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("--overwrite", action="store_true", help="replace a run directory that holds another run")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied after the file")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, applied after the file"
+    )
     p.set_defaults(func=_cmd_train)
     return parser
 
@@ -43,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``arrtune`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not args.debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         import warnings

@@ -38,36 +38,64 @@ class TrainConfig:
     """Configuration of one ``arrtune train`` run (all fields optional; defaults train the demo setup)."""
 
     # -- model and data --------------------------------------------------------------------------------
-    model: str = _f("smollm2-135m-instruct", "Model spec: built-in alias, .gguf file, local HF directory or Hub id.")
-    trust_remote_code: bool = _f(False, "Allow model code from the Hub (off by default; only for models you trust).")
-    data: str = _f("builtin:vornish", "SFT data: builtin:vornish, a .jsonl/.json/.parquet file, or a HF dataset id.")
+    model: str = _f(
+        "smollm2-135m-instruct", "Model spec: built-in alias, .gguf file, local HF directory or Hub id."
+    )
+    trust_remote_code: bool = _f(
+        False, "Allow model code from the Hub (off by default; only for models you trust)."
+    )
+    data: str = _f(
+        "builtin:vornish", "SFT data: builtin:vornish, a .jsonl/.json/.parquet file, or a HF dataset id."
+    )
     data_split: str = _f("train", "Split of a HF dataset (or of the built-in task) used for training.")
-    replay: str = _f("builtin", "Replay corpus: 'builtin', a .txt/.jsonl/.parquet file, or a HF dataset id (streamed).")
-    replay_config: str | None = _f(None, "Config name of a HF replay dataset (e.g. 'sample-10BT' for fineweb-edu).")
+    replay: str = _f(
+        "builtin", "Replay corpus: 'builtin', a .txt/.jsonl/.parquet file, or a HF dataset id (streamed)."
+    )
+    replay_config: str | None = _f(
+        None, "Config name of a HF replay dataset (e.g. 'sample-10BT' for fineweb-edu)."
+    )
     replay_split: str = _f("train", "Split of a HF replay dataset.")
     replay_text_field: str = _f("text", "Field/column holding the text in JSONL, parquet and HF replay data.")
-    output_dir: str = _f("runs/arr", "Directory of this run: config.yaml, adapter/, metrics.jsonl, checkpoints.")
+    output_dir: str = _f(
+        "runs/arr", "Directory of this run: config.yaml, adapter/, metrics.jsonl, checkpoints."
+    )
 
     # -- the method -----------------------------------------------------------------------------------
-    method: str = _f("arr", "Preset for kl_coef and replay_ratio: sft (0, 0), kl (0.1, 0), replay (0, 1), arr (0.1, 1).")
-    kl_coef: float | None = _f(None, "Weight of the token-mean KL to the initial model (0 = off). Default: from method.")
+    method: str = _f(
+        "arr", "Preset for kl_coef and replay_ratio: sft (0, 0), kl (0.1, 0), replay (0, 1), arr (0.1, 1)."
+    )
+    kl_coef: float | None = _f(
+        None, "Weight of the token-mean KL to the initial model (0 = off). Default: from method."
+    )
     kl_direction: str = _f("reverse", "'reverse' = KL(policy || initial), 'forward' = KL(initial || policy).")
-    kl_on: str = _f("both", "Tokens carrying the KL: 'sft' (response tokens), 'replay' (replay tokens), 'both'.")
-    kl_mask_target: bool = _f(False, "On SFT tokens, drop the label token from both distributions and renormalise.")
-    kl_topk: int = _f(0, "0 = exact KL over the vocabulary; k > 0 = reference top-k tokens plus a rest bucket.")
+    kl_on: str = _f(
+        "both", "Tokens carrying the KL: 'sft' (response tokens), 'replay' (replay tokens), 'both'."
+    )
+    kl_mask_target: bool = _f(
+        False, "On SFT tokens, drop the label token from both distributions and renormalise."
+    )
+    kl_topk: int = _f(
+        0, "0 = exact KL over the vocabulary; k > 0 = reference top-k tokens plus a rest bucket."
+    )
     kl_chunk_rows: int = _f(1024, "Token rows per chunk when computing the KL (bounds transient memory).")
-    replay_ratio: float | None = _f(None, "Replay tokens per SFT token in each step (0 = no replay). Default: from method.")
+    replay_ratio: float | None = _f(
+        None, "Replay tokens per SFT token in each step (0 = no replay). Default: from method."
+    )
     replay_weight: float = _f(1.0, "Weight of the replay cross-entropy in the loss.")
 
     # -- LoRA -----------------------------------------------------------------------------------------
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: float = _f(32.0, "LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input (probability).")
-    target_modules: list[str] | str = _f("all-linear", "Modules that get adapters: 'all-linear' or a list of names.")
+    target_modules: list[str] | str = _f(
+        "all-linear", "Modules that get adapters: 'all-linear' or a list of names."
+    )
 
     # -- optimisation ---------------------------------------------------------------------------------
     learning_rate: float = _f(1e-3, "Peak learning rate (AdamW).")
-    lr_scheduler_type: str = _f("constant_with_warmup", "transformers scheduler name (linear, cosine, constant, ...).")
+    lr_scheduler_type: str = _f(
+        "constant_with_warmup", "transformers scheduler name (linear, cosine, constant, ...)."
+    )
     warmup_steps: int = _f(5, "Linear warm-up, in optimizer steps.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_steps: int = _f(60, "Optimizer steps to train; <= 0 means use num_train_epochs.")
@@ -96,7 +124,9 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """A copy with the preset's coefficients written in (what ``config.yaml`` of a run records)."""
-        return dataclasses.replace(self, kl_coef=self.resolved_kl_coef(), replay_ratio=self.resolved_replay_ratio())
+        return dataclasses.replace(
+            self, kl_coef=self.resolved_kl_coef(), replay_ratio=self.resolved_replay_ratio()
+        )
 
     def validate(self) -> TrainConfig:
         """Check every value; raise ``ArrtuneError`` naming the key. Returns self."""
@@ -155,7 +185,11 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         base = get_origin(kind) or kind
         if base is bool and isinstance(value, bool):
             return value
-        if base is bool and isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        if (
+            base is bool
+            and isinstance(value, str)
+            and value.lower() in ("true", "false", "1", "0", "yes", "no")
+        ):
             return value.lower() in ("true", "1", "yes")
         if base is int and not isinstance(value, bool):
             if isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit()):
@@ -196,7 +230,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> TrainConfig:
     """Build a validated config from a YAML file (optional) and ``key=value`` overrides (applied last)."""
     values: dict[str, Any] = {}
     if path is not None:

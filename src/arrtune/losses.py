@@ -140,7 +140,11 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def arr_loss(
-    sft_loss: torch.Tensor, replay_loss: torch.Tensor | None, kl: torch.Tensor | None, replay_weight: float, kl_coef: float
+    sft_loss: torch.Tensor,
+    replay_loss: torch.Tensor | None,
+    kl: torch.Tensor | None,
+    replay_weight: float,
+    kl_coef: float,
 ) -> torch.Tensor:
     """The ARR objective: ``CE(SFT) + replay_weight * CE(replay) + kl_coef * KL``; absent terms count 0."""
     loss = sft_loss

@@ -23,7 +23,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from arrtune.errors import ArrtuneError
 
@@ -60,7 +66,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     try:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            )
         except Exception as exc:  # transformers raises many types for a bad file
             raise ArrtuneError(f"{gguf}: cannot read this GGUF file ({type(exc).__name__}: {exc})") from exc
         # the weights are dequantized to float32 on load: save them as a plain model
@@ -97,7 +105,9 @@ def resolve_model_path(spec: str) -> str:
         path = Path(spec).expanduser()
         if path.is_dir():
             if not (path / "config.json").is_file():
-                raise ArrtuneError(f"model: {spec} is a directory without config.json (not a HF model directory)")
+                raise ArrtuneError(
+                    f"model: {spec} is a directory without config.json (not a HF model directory)"
+                )
             return str(path)
         if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
             raise ArrtuneError(
@@ -123,7 +133,9 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
-def load_model(spec: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_model(
+    spec: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
     """Load a causal LM from a model spec (safetensors only; no remote code unless asked for)."""
     path = resolve_model_path(spec)
     try:

@@ -44,7 +44,9 @@ def _prepare_run_dir(cfg: TrainConfig, overwrite: bool, is_main: bool) -> tuple[
     if saved.is_file():
         previous = yaml.safe_load(saved.read_text(encoding="utf-8"))
         if previous != resolved and not overwrite:
-            diff = sorted(k for k in set(previous or {}) | set(resolved) if (previous or {}).get(k) != resolved.get(k))
+            diff = sorted(
+                k for k in set(previous or {}) | set(resolved) if (previous or {}).get(k) != resolved.get(k)
+            )
             raise ArrtuneError(
                 f"{run_dir}: holds another run (config differs in: {', '.join(diff)}); "
                 "choose another output_dir or pass --overwrite"
@@ -54,7 +56,9 @@ def _prepare_run_dir(cfg: TrainConfig, overwrite: bool, is_main: bool) -> tuple[
             last = get_last_checkpoint(str(ckpt_root)) if ckpt_root.is_dir() else None
             return run_dir, last
     elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise ArrtuneError(f"{run_dir}: exists and is not an arrtune run directory; pass --overwrite to reuse it")
+        raise ArrtuneError(
+            f"{run_dir}: exists and is not an arrtune run directory; pass --overwrite to reuse it"
+        )
     if is_main:
         for name in ("adapter", "checkpoints", "metrics.jsonl", "train_summary.json"):
             target = run_dir / name
@@ -163,7 +167,9 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
     if resume_from:
         log.info("resuming from %s", resume_from)
         trainer.load_replay_state(resume_from)
-        _truncate_metrics(run_dir / "metrics.jsonl", int(resume_from.rsplit("-", 1)[1]), state.is_main_process)
+        _truncate_metrics(
+            run_dir / "metrics.jsonl", int(resume_from.rsplit("-", 1)[1]), state.is_main_process
+        )
     started = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -201,7 +207,11 @@ def _truncate_metrics(path: Path, step: int, is_main: bool) -> None:
     """Drop records logged after the checkpoint we resume from (they will be logged again)."""
     if not is_main or not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
     path.write_text("".join(line + "\n" for line in kept))
 
 

@@ -39,7 +39,9 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_tiny_model(path: str | Path, vocab_size: int = 512, hidden_size: int = 32, layers: int = 2, seed: int = 0) -> Path:
+def build_tiny_model(
+    path: str | Path, vocab_size: int = 512, hidden_size: int = 32, layers: int = 2, seed: int = 0
+) -> Path:
     """Save a tiny random Llama + tokenizer to ``path`` (a normal HF model directory) and return it."""
     path = Path(path)
     tokenizer = build_tiny_tokenizer(vocab_size)

@@ -79,7 +79,9 @@ def reference_head(peft_model: Any):
 class ARRTrainer(Trainer):
     """``transformers.Trainer`` with the ARR loss: SFT CE + replay_weight x replay CE + kl_coef x KL."""
 
-    def __init__(self, *args: Any, arr: ARRSettings, replay: ReplayStream | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, arr: ARRSettings, replay: ReplayStream | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.arr = arr
         self.replay = replay
@@ -109,11 +111,15 @@ class ARRTrainer(Trainer):
         logits = outputs.logits[:, :-1]
         targets = labels[:, 1:]
         sft_loss = token_cross_entropy(logits[:n_sft_rows], targets[:n_sft_rows])
-        replay_loss = token_cross_entropy(logits[n_sft_rows:], targets[n_sft_rows:]) if len(ids) > n_sft_rows else None
+        replay_loss = (
+            token_cross_entropy(logits[n_sft_rows:], targets[n_sft_rows:]) if len(ids) > n_sft_rows else None
+        )
 
         kl = None
         if arr.kl_coef > 0:
-            rows = {"sft": slice(0, n_sft_rows), "replay": slice(n_sft_rows, None), "both": slice(None)}[arr.kl_on]
+            rows = {"sft": slice(0, n_sft_rows), "replay": slice(n_sft_rows, None), "both": slice(None)}[
+                arr.kl_on
+            ]
             kl_mask = targets[rows] != IGNORE_INDEX
             if kl_mask.any():
                 peft_model = self.accelerator.unwrap_model(model)
@@ -150,11 +156,15 @@ class ARRTrainer(Trainer):
             if "learning_rate" in logs:
                 logs["lr"] = logs["learning_rate"]
             logs["sft_tokens_per_s"] = self._sft_tokens * max(self.args.world_size, 1) / elapsed
-            logs["step_time_s"] = elapsed / max(self.state.global_step - getattr(self, "_last_logged_step", 0), 1)
+            logs["step_time_s"] = elapsed / max(
+                self.state.global_step - getattr(self, "_last_logged_step", 0), 1
+            )
             self._last_logged_step = self.state.global_step
             self._terms, self._term_counts, self._sft_tokens = {}, {}, 0
             self._last_log_time = now
-            if not all(math.isfinite(v) for k, v in logs.items() if k in ("loss", "sft_loss", "replay_loss", "kl")):
+            if not all(
+                math.isfinite(v) for k, v in logs.items() if k in ("loss", "sft_loss", "replay_loss", "kl")
+            ):
                 self.control.should_training_stop = True
                 self.nonfinite_step = self.state.global_step
         super().log(logs, start_time)
@@ -209,6 +219,9 @@ class MetricsJsonl(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[override]
         if state.is_world_process_zero and logs:
-            record = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+            record = {
+                "step": state.global_step,
+                **{k: v for k, v in logs.items() if isinstance(v, (int, float))},
+            }
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")

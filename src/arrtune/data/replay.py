@@ -69,7 +69,12 @@ def _local_texts(source: str, text_field: str) -> list[str]:
 
 def is_hub_dataset(source: str) -> bool:
     """True when ``source`` names a Hugging Face dataset rather than a local file or ``builtin``."""
-    return source != "builtin" and not Path(source).expanduser().exists() and source.count("/") == 1 and not source.startswith((".", "/", "~"))
+    return (
+        source != "builtin"
+        and not Path(source).expanduser().exists()
+        and source.count("/") == 1
+        and not source.startswith((".", "/", "~"))
+    )
 
 
 class ReplayStream:
@@ -104,7 +109,9 @@ class ReplayStream:
         if not self.hub and not self.texts:
             raise ArrtuneError(f"replay: corpus '{source}' has no text")
         if not self.hub and len(self.texts) < world_size:
-            raise ArrtuneError(f"replay: corpus '{source}' has {len(self.texts)} documents, fewer than {world_size} ranks")
+            raise ArrtuneError(
+                f"replay: corpus '{source}' has {len(self.texts)} documents, fewer than {world_size} ranks"
+            )
         self.epoch = 0
         self.docs_consumed = 0
         self.buffer: list[int] = []
@@ -142,7 +149,9 @@ class ReplayStream:
                 if self.docs_consumed == 0:
                     empty_epochs += 1
                     if empty_epochs > 1:
-                        raise ArrtuneError(f"replay: corpus '{self.source}' yields no documents for rank {self.rank}")
+                        raise ArrtuneError(
+                            f"replay: corpus '{self.source}' yields no documents for rank {self.rank}"
+                        )
                 self.epoch += 1
                 self.docs_consumed = 0
                 self._docs = None
@@ -173,8 +182,13 @@ class ReplayStream:
 
     def state_dict(self) -> dict[str, Any]:
         """Position in the stream: epoch, documents consumed this epoch, leftover tokens."""
-        return {"epoch": self.epoch, "docs_consumed": self.docs_consumed, "buffer": list(self.buffer),
-                "rank": self.rank, "world_size": self.world_size}
+        return {
+            "epoch": self.epoch,
+            "docs_consumed": self.docs_consumed,
+            "buffer": list(self.buffer),
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a position saved by :meth:`state_dict` (same corpus, seed and world size)."""

@@ -124,7 +124,11 @@ def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
             raise ArrtuneError(f"{where}: field 'messages' must be a non-empty list")
         out = []
         for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("role"), str)
+                or not isinstance(m.get("content"), str)
+            ):
                 raise ArrtuneError(f"{where}: messages[{i}] needs string fields 'role' and 'content'")
             out.append({"role": m["role"], "content": m["content"]})
         if not any(m["role"] == "assistant" for m in out):
@@ -139,7 +143,10 @@ def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
         instruction = _need_str(row, "instruction", where)
         extra = _need_str(row, "input", where, optional=True)
         prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": _need_str(row, "output", where)}]
+        return [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": _need_str(row, "output", where)},
+        ]
     raise ArrtuneError(
         f"{where}: unknown format, fields {sorted(row)}; expected 'messages', 'prompt'+'completion', "
         "or 'instruction'+'output'"
@@ -153,7 +160,9 @@ def _template(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generati
     return list(ids)
 
 
-def tokenize_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+def tokenize_messages(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]
+) -> tuple[list[int], list[int]]:
     """Token ids and labels (``IGNORE_INDEX`` except on assistant turns) using the tokenizer's chat template."""
     if tokenizer.chat_template is None:
         raise ArrtuneError("model: the tokenizer has no chat template; use an instruction-tuned model")

@@ -1,0 +1,140 @@
+"""ARRTrainer: plain SFT equivalence, the reference really is the base model, end-to-end runs per preset."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+from arrtune.config import load_config
+from arrtune.data.replay import ReplayStream
+from arrtune.data.sft import collate_sft, load_sft_examples
+from arrtune.recipe import train
+from arrtune.trainer import ARRSettings, ARRTrainer, reference_head, reference_hidden
+
+
+def lora_model(model_dir: Path, seed: int = 0, randomize_b: bool = False):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+    if randomize_b:
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+    return peft_model
+
+
+def make_trainer(
+    model_dir: Path, tokenizer, tmp_path: Path, settings: ARRSettings, replay=None
+) -> ARRTrainer:
+    args = TrainingArguments(output_dir=str(tmp_path / "ck"), report_to="none", use_cpu=True, max_steps=1)
+    return ARRTrainer(model=lora_model(model_dir, randomize_b=True), args=args, processing_class=tokenizer,
+                      arr=settings, replay=replay)  # fmt: skip
+
+
+def sft_batch(tokenizer, n: int = 4):
+    examples, _ = load_sft_examples("builtin:vornish", tokenizer, max_length=128)
+    return collate_sft(examples[:n], tokenizer.pad_token_id)
+
+
+def test_no_kl_no_replay_is_exactly_plain_sft_loss(tiny_model_dir, tiny_tokenizer, tmp_path) -> None:
+    trainer = make_trainer(
+        tiny_model_dir, tiny_tokenizer, tmp_path, ARRSettings(kl_coef=0.0, replay_ratio=0.0)
+    )
+    batch = sft_batch(tiny_tokenizer)
+    ours = trainer.compute_loss(trainer.model, batch)
+    plain = trainer.model(**batch).loss  # transformers' own shifted, masked causal-LM loss
+    assert abs(float(ours) - float(plain)) < 1e-5  # same value up to float32 summation order
+    assert trainer._terms.keys() == {"sft_loss"}
+
+
+def test_kl_and_replay_terms_add_to_the_loss(tiny_model_dir, tiny_tokenizer, tmp_path) -> None:
+    replay = ReplayStream("builtin", tiny_tokenizer)
+    settings = ARRSettings(kl_coef=0.5, replay_ratio=1.0, replay_weight=0.3)
+    trainer = make_trainer(tiny_model_dir, tiny_tokenizer, tmp_path, settings, replay)
+    batch = sft_batch(tiny_tokenizer)
+    loss = trainer.compute_loss(trainer.model, batch)
+    t = trainer._terms
+    assert t["kl"] > 0 and t["replay_loss"] > 0
+    assert float(loss) == pytest.approx(t["sft_loss"] + 0.3 * t["replay_loss"] + 0.5 * t["kl"], rel=1e-5)
+    # replay consumed exactly as many tokens as the SFT batch holds (ratio 1)
+    fresh = ReplayStream("builtin", tiny_tokenizer)
+    fresh.take(int(batch["attention_mask"].sum()))
+    assert replay.take(20) == fresh.take(20)
+
+
+def test_reference_forward_is_the_base_model(tiny_model_dir, tiny_tokenizer) -> None:
+    peft_model = lora_model(tiny_model_dir, randomize_b=True)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    batch = sft_batch(tiny_tokenizer)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+    with torch.no_grad():
+        ref_logits = reference_head(peft_model)(reference_hidden(peft_model, ids, mask))
+        base_logits = base(input_ids=ids, attention_mask=mask).logits
+        policy_logits = peft_model(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    assert torch.allclose(ref_logits[valid], base_logits[valid], atol=1e-5)
+    assert (
+        policy_logits[valid] - base_logits[valid]
+    ).abs().max() > 1e-2  # the adapter is really on otherwise
+    # only one copy of the weights: the reference shares every base parameter with the policy
+    assert sum(p.numel() for p in peft_model.parameters()) < 2 * sum(p.numel() for p in base.parameters())
+
+
+@pytest.mark.parametrize("method", ["sft", "kl", "replay", "arr"])
+def test_train_end_to_end_per_preset(method: str, tiny_model_dir, tmp_path) -> None:
+    cfg = load_config(None, [f"model={tiny_model_dir}", f"output_dir={tmp_path / method}", f"method={method}",
+                             "max_steps=3", "warmup_steps=0", "learning_rate=0.01", "per_device_train_batch_size=4",
+                             "progress_bar=false"])  # fmt: skip
+    run_dir = train(cfg)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "sft_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all("lr" in r and "sft_tokens_per_s" in r for r in steps)
+    assert all(("kl" in r) == (method in ("kl", "arr")) for r in steps)
+    assert all(("replay_loss" in r) == (method in ("replay", "arr")) for r in steps)
+
+    saved = json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())))
+    assert saved["method"] == method and saved["kl_coef"] is not None
+
+    # a standard PEFT adapter: loads with plain peft; base weights untouched, LoRA weights trained
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    adapted = PeftModel.from_pretrained(base, run_dir / "adapter")
+    after = adapted.get_base_model().state_dict()
+    for key, value in before.items():
+        assert torch.equal(
+            after[key.replace(".weight", ".base_layer.weight")]
+            if key.replace(".weight", ".base_layer.weight") in after
+            else after[key],
+            value,
+        )
+    lora_b = {
+        k: v for k, v in load_file(run_dir / "adapter" / "adapter_model.safetensors").items() if "lora_B" in k
+    }
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values())  # B starts at zero: training moved it
+
+
+def test_cli_train_runs_and_reports_bad_keys(tiny_model_dir, tmp_path) -> None:
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "arrtune", "train", f"model={tiny_model_dir}", f"output_dir={out}", "max_steps=2",
+           "progress_bar=false"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    bad = subprocess.run(cmd[:-1] + ["kl_cof=0.1"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert "unknown config key 'kl_cof' (did you mean 'kl_coef'?)" in bad.stderr
+    assert "Traceback" not in bad.stderr
