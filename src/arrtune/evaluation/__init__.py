@@ -1,0 +1,36 @@
+"""Evaluation: retention (benchmarks, perplexity, drift, leak) and plasticity (the new task) of a model, or of
+a base model and its adapter side by side. See :mod:`arrtune.evaluation.runner` for the metrics."""
+
+from arrtune.evaluation.benchmarks import BENCHMARKS, MCItem, load_benchmark, load_jsonl_benchmark
+from arrtune.evaluation.runner import (
+    DEFAULT_BENCHMARKS,
+    EvalConfig,
+    evaluate,
+    evaluate_model_pair,
+    evaluate_single,
+    format_table,
+    load_eval_config,
+    write_eval_json,
+)
+from arrtune.evaluation.scoring import MCResult, loglikelihoods, score_items
+from arrtune.evaluation.text import perplexity, text_metrics
+
+__all__ = [
+    "BENCHMARKS",
+    "DEFAULT_BENCHMARKS",
+    "EvalConfig",
+    "MCItem",
+    "MCResult",
+    "evaluate",
+    "evaluate_model_pair",
+    "evaluate_single",
+    "format_table",
+    "load_benchmark",
+    "load_eval_config",
+    "load_jsonl_benchmark",
+    "loglikelihoods",
+    "perplexity",
+    "score_items",
+    "text_metrics",
+    "write_eval_json",
+]

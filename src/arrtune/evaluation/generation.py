@@ -1,0 +1,172 @@
+"""Greedy generation with the chat template, leak detection, and the new task's plasticity metrics.
+
+* **Generation**: every prompt is formatted with the tokenizer's chat template (a single user turn plus the
+  generation prompt, exactly as training formats it, see :mod:`arrtune.data.sft`), batched with *left*
+  padding, decoded greedily for at most ``max_new_tokens`` tokens; generation of a sequence stops at EOS
+  (the tokenizer's and the model's generation config's). The answer is the decoded new tokens with special
+  tokens skipped.
+* **Exact match** (task): :func:`arrtune.data.task.exact_match` on the answer: the first non-empty line,
+  lower-cased, punctuation at both ends stripped, whitespace collapsed, compared with the reference treated
+  the same way.
+* **Task loss**: mean NLL in nats per token of the reference response tokens (the assistant content and the
+  template's end-of-turn marker, the tokens training puts labels on) given the prompt.
+* **Leak**: words are maximal runs of letters, lower-cased. The task vocabulary is the words of the task's
+  training responses minus every word that appears in the base model's answers or in general text (held-out
+  Wikipedia and book passages and the general questions). An answer leaks when it contains a task-vocabulary
+  word; the leak rate is the fraction of answers that leak.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+from arrtune.errors import ArrtuneError
+from arrtune.evaluation._common import batched, eval_mode, prefix_token_id, unwrap
+
+WORD_RE = re.compile(r"[^\W\d_]+")
+
+
+def template_ids(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    """Token ids of ``messages`` through the tokenizer's chat template (as training tokenizes them)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ArrtuneError("model: the tokenizer has no chat template; use an instruction-tuned model")
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def question_prompt_ids(tokenizer, question: str) -> list[int]:
+    """A single user turn plus the assistant generation prompt."""
+    return template_ids(tokenizer, [{"role": "user", "content": question}], generation_prompt=True)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen_config = getattr(unwrap(model), "generation_config", None)
+    configured = getattr(gen_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(int(i) for i in ids if i is not None)
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "generate",
+) -> list[list[int]]:
+    """Greedy continuations of tokenized prompts (left-padded batches, longest first); each result ends at and
+    includes the first EOS token when one was generated."""
+    eos = eos_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad_id
+    )
+    device = next(unwrap(model).parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    outputs: list[list[int]] = [[] for _ in prompts]
+    with eval_mode(model), tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False) as bar:
+        for batch in batched(order, batch_size):
+            width = max(len(prompts[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, i in enumerate(batch):
+                p = list(prompts[i])
+                ids[r, width - len(p) :] = torch.tensor(p)
+                mask[r, width - len(p) :] = 1
+            out = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+            )
+            for r, i in enumerate(batch):
+                new = out[r, width:].tolist()
+                for k, tok in enumerate(new):
+                    if tok in eos:
+                        new = new[: k + 1]
+                        break
+                outputs[i] = new
+            bar.update(len(batch))
+    return outputs
+
+
+def decode(tokenizer, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+
+@dataclass
+class Answers:
+    """Greedy answers to chat prompts: prompt ids, answer ids (EOS included when generated), decoded text."""
+
+    prompts: list[list[int]]
+    ids: list[list[int]]
+    texts: list[str]
+
+
+def answer(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "answers",
+) -> Answers:
+    ids = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, desc)
+    return Answers([list(p) for p in prompts], ids, [decode(tokenizer, a) for a in ids])
+
+
+def words(text: str) -> set[str]:
+    """Lower-cased runs of letters."""
+    return set(WORD_RE.findall(text.lower()))
+
+
+def vocabulary(texts: Iterable[str]) -> set[str]:
+    out: set[str] = set()
+    for t in texts:
+        out |= words(t)
+    return out
+
+
+def leak_vocabulary(
+    task_responses: Iterable[str], base_answers: Iterable[str], general: set[str]
+) -> set[str]:
+    """Words of the task's responses that are neither in the base model's answers nor in general text."""
+    return vocabulary(task_responses) - vocabulary(base_answers) - general
+
+
+def leaked_words(text: str, task_vocab: set[str]) -> list[str]:
+    """The task-vocabulary words an answer contains, sorted."""
+    return sorted(words(text) & task_vocab)
+
+
+@dataclass
+class TaskExample:
+    """One held-out example of the new task: chat prompt ids, reference response ids (assistant content and
+    end-of-turn marker), and the reference text."""
+
+    prompt: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    reference: str
+
+
+def task_example(tokenizer, messages: list[dict[str, str]]) -> TaskExample:
+    """Split a conversation at its last assistant turn into prompt and reference response."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt_ids = template_ids(tokenizer, messages[:last], generation_prompt=True)
+    full = template_ids(tokenizer, messages[: last + 1], generation_prompt=False)
+    user_turns = [m["content"] for m in messages[:last] if m["role"] == "user"]
+    return TaskExample(
+        prompt=user_turns[-1] if user_turns else "",
+        prompt_ids=prompt_ids,
+        response_ids=full[len(prompt_ids) :],
+        reference=messages[last]["content"],
+    )

@@ -1,0 +1,544 @@
+"""The evaluation run: retention (benchmarks, perplexity, drift, leak) and plasticity (the new task).
+
+:func:`evaluate_model_pair` evaluates a PEFT model twice in one process, as the base model (inside
+``disable_adapter()``) and as the adapted model, and reports both and their difference; drift and leak are
+measured against the base model (its answers to the general questions are generated once, adapter disabled).
+:func:`evaluate_single` evaluates a plain model (no drift, no leak). Metric names are flat:
+
+===========================  =====================================================================
+``<bench>/acc``              accuracy (argmax log-likelihood), with ``<bench>/acc_stderr``
+``<bench>/acc_norm``         accuracy with length-normalised log-likelihood, ``..._stderr``
+``<bench>/n``                items scored
+``mc/mean_acc``              mean ``acc`` over the benchmarks
+``ppl/wiki``, ``ppl/books``  token perplexity of held-out Wikipedia / book passages
+``bpb/wiki``, ``bpb/books``  bits per UTF-8 byte of the same passages
+``drift/wiki``, ``/books``   mean KL(base || adapted), nats per token, on the passages (pair only)
+``drift/chat``               the same on the base model's own greedy answers to general questions (pair only)
+``leak``                     fraction of adapted answers containing task-only words, ``leak_stderr`` (pair only)
+``task/exact_match``         greedy exact match on held-out task examples, ``..._stderr``
+``task/loss``                mean NLL (nats per token) of the reference response tokens
+===========================  =====================================================================
+
+Standard errors of accuracies are binomial, ``sqrt(p (1 - p) / n)``; in ``delta`` the standard error of an
+accuracy difference is the paired one (same items for both models): ``std(adapted_i - base_i) / sqrt(n)``.
+Everything is deterministic for a given config: subsets are fixed-seed samples and decoding is greedy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field, fields
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from arrtune.errors import ArrtuneError
+from arrtune.evaluation._common import (
+    base_context as peft_base_context,
+)
+from arrtune.evaluation._common import (
+    binomial_stderr,
+    mean,
+    null_context,
+    paired_stderr,
+    subset_indices,
+)
+from arrtune.evaluation.benchmarks import benchmark_name, load_benchmark
+from arrtune.evaluation.generation import (
+    TaskExample,
+    answer,
+    leak_vocabulary,
+    leaked_words,
+    question_prompt_ids,
+    task_example,
+    vocabulary,
+)
+from arrtune.evaluation.scoring import score_items
+from arrtune.evaluation.text import score_sequences, text_metrics
+
+DEFAULT_BENCHMARKS = [
+    "arc_easy",
+    "arc_challenge",
+    "hellaswag",
+    "piqa",
+    "winogrande",
+    "boolq",
+    "sciq",
+    "openbookqa",
+    "mmlu",
+]
+
+
+@dataclass
+class EvalConfig:
+    """What ``arrtune eval`` measures; every field can be set in ``eval.yaml``.
+
+    Set a count to 0 (or ``benchmarks`` to ``[]``, ``task`` to ``null``) to skip that part.
+    """
+
+    #: multiple-choice benchmarks: built-in names (arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq,
+    #: sciq, openbookqa, mmlu, mmlu:<subject>, siqa) or paths to ``.jsonl`` files (schema in ``benchmarks.py``)
+    benchmarks: list[str] = field(default_factory=lambda: list(DEFAULT_BENCHMARKS))
+    #: items per benchmark, a fixed-seed random subset (0 = all items); default 200
+    n_per_benchmark: int = 200
+    #: held-out passages per text set (wiki, books) for perplexity and drift; default 50
+    n_text: int = 50
+    #: tokens scored per passage (its first ones); default 256
+    max_text_tokens: int = 256
+    #: general questions (TriviaQA) answered greedily for drift on chat answers and leak (used only when an
+    #: adapter is evaluated against its base model); default 50
+    n_questions: int = 50
+    #: maximum new tokens per greedy answer (questions and task); default 32
+    max_new_tokens: int = 32
+    #: held-out task examples for exact match and response loss; default 100
+    n_task: int = 100
+    #: benchmark items / passages / prompts per forward pass (memory grows with it); default 16
+    batch_size: int = 16
+    #: seed of every subset; default 0
+    seed: int = 0
+    #: the new task: ``builtin:vornish`` (held-out = its test split, leak vocabulary = its train split), a
+    #: ``.jsonl`` file of held-out examples (rows as in training data: prompt/completion, messages, or
+    #: instruction/output), or null to skip; default ``builtin:vornish``
+    task: str | None = "builtin:vornish"
+    #: training data of a ``.jsonl`` task, whose responses define the leak vocabulary (default: none, then the
+    #: held-out responses are used)
+    task_train: str | None = None
+    #: example answers shown in the report (questions with base / adapted answers); default 3
+    n_examples: int = 3
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "eval config") -> EvalConfig:
+        """Build from a mapping (e.g. parsed YAML); unknown keys and wrong types raise ``ArrtuneError``."""
+        if not isinstance(data, dict):
+            raise ArrtuneError(f"{source}: expected a mapping of eval settings, got {type(data).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in known:
+                raise ArrtuneError(f"{source}: unknown key '{key}' (known: {', '.join(known)})")
+            where = f"{source}: field '{key}'"
+            if key == "benchmarks":
+                if isinstance(value, str):
+                    value = [value]
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise ArrtuneError(f"{where} must be a list of benchmark names or .jsonl paths")
+            elif key in ("task", "task_train"):
+                if value is not None and not isinstance(value, str):
+                    raise ArrtuneError(f"{where} must be a string or null")
+            else:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ArrtuneError(f"{where} must be an integer, got {value!r}")
+                minimum = 1 if key in ("batch_size", "max_new_tokens", "max_text_tokens") else 0
+                if value < minimum:
+                    raise ArrtuneError(f"{where} must be >= {minimum}, got {value}")
+            kwargs[key] = value
+        return cls(**kwargs)
+
+
+def load_eval_config(path: str | Path) -> EvalConfig:
+    """Read an ``eval.yaml`` (a mapping of :class:`EvalConfig` fields)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ArrtuneError(f"{path}: cannot read eval config ({exc.strerror or exc})") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ArrtuneError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from exc
+    return EvalConfig.from_dict(data or {}, source=str(path))
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def _text_sets(cfg: EvalConfig) -> dict[str, list[str]]:
+    from arrtune.data.corpora import heldout_book_texts, heldout_wiki_texts
+
+    if cfg.n_text <= 0:
+        return {}
+    out = {}
+    for name, texts in (("wiki", heldout_wiki_texts()), ("books", heldout_book_texts())):
+        out[name] = [texts[i] for i in subset_indices(len(texts), cfg.n_text, cfg.seed, salt=f"text-{name}")]
+    return out
+
+
+def _questions(cfg: EvalConfig) -> list[str]:
+    from arrtune.data.corpora import general_questions
+
+    if cfg.n_questions <= 0:
+        return []
+    qs = general_questions()
+    return [qs[i] for i in subset_indices(len(qs), cfg.n_questions, cfg.seed, salt="questions")]
+
+
+@cache
+def general_vocabulary() -> frozenset[str]:
+    """Words of general English for leak: all held-out passages (wiki, books) and all general questions."""
+    from arrtune.data.corpora import general_questions, heldout_book_texts, heldout_wiki_texts
+
+    return frozenset(vocabulary([*heldout_wiki_texts(), *heldout_book_texts(), *general_questions()]))
+
+
+def _read_task_rows(path: str, field_name: str) -> list[list[dict[str, str]]]:
+    from arrtune.data.sft import to_messages
+
+    p = Path(path).expanduser()
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ArrtuneError(f"{field_name}: cannot read {path} ({exc})") from exc
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{p}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ArrtuneError(f"{where}: invalid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise ArrtuneError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        rows.append(to_messages(row, where))
+    if not rows:
+        raise ArrtuneError(f"{p}: no examples")
+    return rows
+
+
+def _last_assistant(messages: list[dict[str, str]]) -> str:
+    return [m["content"] for m in messages if m["role"] == "assistant"][-1]
+
+
+def load_task(cfg: EvalConfig, tokenizer) -> tuple[list[TaskExample], list[str]]:
+    """Held-out task examples (a fixed-seed subset of ``n_task``) and the training responses for leak."""
+    if not cfg.task or cfg.n_task <= 0:
+        return [], []
+    if cfg.task.startswith("builtin:"):
+        from arrtune.data.task import make_examples
+
+        if cfg.task != "builtin:vornish":
+            raise ArrtuneError(f"task: unknown built-in task '{cfg.task}' (known: builtin:vornish)")
+        # same split as training (make_examples() defaults: 400 train, then the test phrases)
+        train, test = make_examples(n_test=max(100, cfg.n_task))
+        test_msgs = [
+            [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]
+            for r in test
+        ]
+        train_responses = [r["completion"] for r in train]
+    else:
+        test_msgs = _read_task_rows(cfg.task, "task")
+        train_msgs = _read_task_rows(cfg.task_train, "task_train") if cfg.task_train else test_msgs
+        train_responses = [_last_assistant(m) for m in train_msgs]
+    chosen = subset_indices(len(test_msgs), cfg.n_task, cfg.seed, salt="task")
+    return [task_example(tokenizer, test_msgs[i]) for i in chosen], train_responses
+
+
+# --------------------------------------------------------------------------------------------- run
+
+
+def _run(
+    model,
+    tokenizer,
+    cfg: EvalConfig,
+    base_ctx: Callable[[], AbstractContextManager] | None,
+    progress: bool,
+) -> dict[str, Any]:
+    pair = base_ctx is not None
+    columns = ["base", "adapted"] if pair else ["model"]
+    contexts = {"base": base_ctx, "adapted": null_context, "model": null_context}
+    metrics: dict[str, dict[str, Any]] = {c: {} for c in columns}
+    per_item: dict[str, dict[str, list[int]]] = {c: {} for c in columns}  # 0/1 per item, for paired stderr
+    timing: dict[str, dict[str, float]] = {c: {} for c in columns}
+    parts: dict[str, float] = {}
+    result: dict[str, Any] = {"mode": "pair" if pair else "single"}
+    t_total = time.perf_counter()
+
+    # 1. multiple-choice benchmarks
+    t0 = time.perf_counter()
+    for spec in cfg.benchmarks:
+        items = load_benchmark(spec, cfg.n_per_benchmark, cfg.seed)
+        name = benchmark_name(spec)
+        for c in columns:
+            with contexts[c]():
+                r = score_items(model, tokenizer, items, name, cfg.batch_size, progress=progress)
+            metrics[c].update(r.metrics())
+            per_item[c][f"{name}/acc"] = r.correct
+            per_item[c][f"{name}/acc_norm"] = r.correct_norm
+            timing[c][f"{name}/items_per_s"] = r.items_per_s
+            timing[c][f"{name}/seconds"] = r.seconds
+    if cfg.benchmarks:
+        for c in columns:
+            metrics[c]["mc/mean_acc"] = mean([metrics[c][f"{benchmark_name(s)}/acc"] for s in cfg.benchmarks])
+        parts["benchmarks"] = time.perf_counter() - t0
+
+    # 2. perplexity, bits per byte, drift on held-out text (both models from one pass in pair mode)
+    t0 = time.perf_counter()
+    for set_name, texts in _text_sets(cfg).items():
+        r = text_metrics(
+            model,
+            tokenizer,
+            texts,
+            cfg.max_text_tokens,
+            cfg.batch_size,
+            base_ctx,
+            progress,
+            desc=f"text/{set_name}",
+        )
+        if pair:
+            metrics["base"].update({f"ppl/{set_name}": r.ppl_base, f"bpb/{set_name}": r.bpb_base})
+            metrics["adapted"].update(
+                {f"ppl/{set_name}": r.ppl, f"bpb/{set_name}": r.bpb, f"drift/{set_name}": r.drift}
+            )
+        else:
+            metrics["model"].update({f"ppl/{set_name}": r.ppl, f"bpb/{set_name}": r.bpb})
+    if cfg.n_text > 0:
+        parts["text"] = time.perf_counter() - t0
+
+    # 3. plasticity: the new task (exact match of greedy answers, loss of reference responses)
+    t0 = time.perf_counter()
+    task_examples, train_responses = load_task(cfg, tokenizer)
+    if task_examples:
+        prompts = [e.prompt_ids for e in task_examples]
+        predictions: dict[str, list[str]] = {}
+        from arrtune.data.task import exact_match
+
+        for c in columns:
+            with contexts[c]():
+                ans = answer(
+                    model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, progress, f"task/{c}"
+                )
+            predictions[c] = ans.texts
+            correct = [int(exact_match(p, e.reference)) for p, e in zip(ans.texts, task_examples)]
+            per_item[c]["task/exact_match"] = correct
+            em = mean(correct)
+            metrics[c].update(
+                {
+                    "task/exact_match": em,
+                    "task/exact_match_stderr": binomial_stderr(em, len(correct)),
+                    "task/n": len(correct),
+                }
+            )
+        stats = score_sequences(
+            model,
+            tokenizer,
+            [e.prompt_ids + e.response_ids for e in task_examples],
+            [len(e.prompt_ids) for e in task_examples],
+            cfg.batch_size,
+            base_ctx,
+            kl=False,
+            progress=progress,
+            desc="task/loss",
+        )
+        if pair:
+            metrics["base"]["task/loss"] = stats.mean_nll(base=True)
+            metrics["adapted"]["task/loss"] = stats.mean_nll()
+        else:
+            metrics["model"]["task/loss"] = stats.mean_nll()
+        result["task_examples"] = [
+            {"prompt": e.prompt, "reference": e.reference, **{c: predictions[c][k] for c in columns}}
+            for k, e in enumerate(task_examples[: max(cfg.n_examples, 0)])
+        ]
+        parts["task"] = time.perf_counter() - t0
+
+    # 4. drift on the base model's own chat answers, and leak (pair only)
+    questions = _questions(cfg)
+    if pair and questions:
+        t0 = time.perf_counter()
+        prompts = [question_prompt_ids(tokenizer, q) for q in questions]
+        with base_ctx():
+            base_ans = answer(
+                model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, progress, "chat/base"
+            )
+        adapted_ans = answer(
+            model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, progress, "chat/adapted"
+        )
+        keep = [i for i, a in enumerate(base_ans.ids) if a]
+        stats = score_sequences(
+            model,
+            tokenizer,
+            [base_ans.prompts[i] + base_ans.ids[i] for i in keep],
+            [len(base_ans.prompts[i]) for i in keep],
+            cfg.batch_size,
+            base_ctx,
+            progress=progress,
+            desc="chat/drift",
+        )
+        metrics["adapted"]["drift/chat"] = stats.mean_kl()
+        if train_responses:
+            task_vocab = leak_vocabulary(train_responses, base_ans.texts, general_vocabulary())
+            hits = [leaked_words(t, task_vocab) for t in adapted_ans.texts]
+            leaks = [int(bool(h)) for h in hits]
+            rate = mean(leaks)
+            metrics["adapted"].update({"leak": rate, "leak_stderr": binomial_stderr(rate, len(leaks))})
+            result["leak_vocabulary_size"] = len(task_vocab)
+        else:
+            hits = [[] for _ in questions]
+        order = sorted(range(len(questions)), key=lambda i: (not hits[i], i))  # leaking answers first
+        result["examples"] = [
+            {
+                "question": questions[i],
+                "base": base_ans.texts[i],
+                "adapted": adapted_ans.texts[i],
+                "leaked": hits[i],
+            }
+            for i in order[: max(cfg.n_examples, 0)]
+        ]
+        parts["chat"] = time.perf_counter() - t0
+
+    parts["total"] = time.perf_counter() - t_total
+    out: dict[str, Any] = {"mode": result.pop("mode")}
+    for c in columns:
+        out[c] = metrics[c]
+    if pair:
+        out["delta"] = _delta(metrics["base"], metrics["adapted"], per_item["base"], per_item["adapted"])
+    out.update(result)  # examples, task_examples, leak_vocabulary_size
+    out["timing"] = {**{c: timing[c] for c in columns}, "parts_s": parts}
+    out["config"] = asdict(cfg)
+    return out
+
+
+def _delta(base: dict, adapted: dict, base_items: dict, adapted_items: dict) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in adapted.items():
+        if key not in base or key.endswith(("_stderr", "/n")) or not isinstance(value, (int, float)):
+            continue
+        if base[key] is None or value is None:
+            continue
+        out[key] = value - base[key]
+        if key in base_items and key in adapted_items:
+            out[f"{key}_stderr"] = paired_stderr(base_items[key], adapted_items[key])
+    return out
+
+
+def evaluate_single(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate one model (no adapter): benchmarks, perplexity, task. Returns ``{"mode": "single", "model":
+    {metric: value}, "task_examples": [...], "timing": {...}, "config": {...}}``."""
+    return _run(model, tokenizer, cfg or EvalConfig(), None, progress)
+
+
+def evaluate_model_pair(
+    peft_model,
+    tokenizer,
+    cfg: EvalConfig | None = None,
+    base_context: Callable[[], AbstractContextManager] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate the base model (inside ``base_context()``, default ``peft_model.disable_adapter()``) and the
+    adapted model in one process. Returns ``{"mode": "pair", "base": {...}, "adapted": {...}, "delta": {...},
+    "examples": [...], "task_examples": [...], "leak_vocabulary_size": int, "timing": {...}, "config": {...}}``;
+    drift and leak appear in ``adapted`` only."""
+    ctx = base_context or peft_base_context(peft_model)
+    return _run(peft_model, tokenizer, cfg or EvalConfig(), ctx, progress)
+
+
+def evaluate(
+    model,
+    tokenizer,
+    cfg: EvalConfig | None = None,
+    base_context: Callable[[], AbstractContextManager] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """:func:`evaluate_model_pair` for a PEFT model (or when ``base_context`` is given), else
+    :func:`evaluate_single`."""
+    if base_context is not None or hasattr(model, "disable_adapter"):
+        return evaluate_model_pair(model, tokenizer, cfg, base_context, progress)
+    return evaluate_single(model, tokenizer, cfg, progress)
+
+
+# --------------------------------------------------------------------------------------------- output
+
+
+def _fmt(key: str, value: Any, stderr: Any = None, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:+d}" if signed else str(value)
+    sign = "+" if signed else ""
+    digits = 2 if key.startswith("ppl/") else 4 if key.startswith(("drift/", "bpb/", "task/loss")) else 3
+    text = f"{value:{sign}.{digits}f}"
+    if stderr is not None and not (isinstance(stderr, float) and math.isnan(stderr)):
+        text += f" ± {stderr:.{digits}f}"
+    return text
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text (markdown) table of a result, with example answers and throughput below it."""
+    columns = ["base", "adapted", "delta"] if result.get("mode") == "pair" else ["model"]
+    keys: list[str] = []
+    for c in columns:
+        for key in result.get(c, {}):
+            if not key.endswith(("_stderr", "/n")) and key not in keys:
+                keys.append(key)
+    cells = [["metric", *columns]]
+    for key in keys:
+        row = [key]
+        for c in columns:
+            col = result.get(c, {})
+            row.append(_fmt(key, col.get(key), col.get(f"{key}_stderr"), signed=c == "delta"))
+        cells.append(row)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    lines = []
+    for n, row in enumerate(cells):
+        lines.append("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |")
+        if n == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    out = "\n".join(lines)
+
+    timing = result.get("timing", {})
+    speeds = []
+    for c in columns:
+        for key, value in timing.get(c, {}).items():
+            if key.endswith("/items_per_s"):
+                speeds.append(f"{key.split('/')[0]} {value:.1f}" + (f" ({c})" if len(columns) > 1 else ""))
+    if speeds:
+        out += "\n\nitems/s: " + ", ".join(speeds)
+    if timing.get("parts_s"):
+        out += "\nseconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timing["parts_s"].items())
+    for ex in result.get("examples", []):
+        leaked = f"  [leaked: {', '.join(ex['leaked'])}]" if ex.get("leaked") else ""
+        out += f"\n\nQ: {ex['question']}\n  base:    {_one_line(ex['base'])}\n  adapted: {_one_line(ex['adapted'])}{leaked}"
+    return out
+
+
+def _one_line(text: str, width: int = 120) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_eval_json(result: dict[str, Any], path: str | Path) -> Path:
+    """Write ``result`` as JSON atomically (temporary file in the same directory, then ``os.replace``);
+    non-finite numbers become ``null``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(_jsonable(result), f, indent=2, ensure_ascii=False, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,208 @@
+"""Token-level statistics of whole sequences: perplexity, bits per byte, and drift (KL to the base model).
+
+Everything here goes through :func:`score_sequences`, which scores the tokens ``seq[start:]`` of each
+sequence (each predicted from all tokens before it) and, given a ``base_context``, also runs the base model
+(e.g. a PEFT model with its adapter disabled) on the same batch, so that perplexity of both models and the KL
+between them come from one pass over the data.
+
+* **Perplexity** of a passage set: ``exp(sum NLL / number of tokens)`` over the first ``max_tokens`` tokens of
+  every passage; the first token is predicted from the BOS token (else EOS), so every passage token counts.
+* **Bits per byte**: ``sum NLL / ln 2 / number of UTF-8 bytes`` of the text those tokens cover (tokenizer
+  independent, comparable across models).
+* **Drift**: mean over scored tokens of ``KL(p_base || p_model)``, in nats per token, over the full vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from arrtune.evaluation._common import LMParts, batched, chunks, eval_mode, prefix_token_id
+
+HEAD_CHUNK = 512  # positions per output-head chunk
+
+
+@dataclass
+class SequenceStats:
+    """Per-sequence sums over the scored tokens: NLL of the model, NLL of the base model and KL(base || model)
+    (both None without a base context), and the number of scored tokens."""
+
+    nll: list[float]
+    n_tokens: list[int]
+    nll_base: list[float] | None = None
+    kl: list[float] | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.n_tokens)
+
+    def mean_nll(self, base: bool = False) -> float:
+        values = self.nll_base if base else self.nll
+        if values is None or not self.total_tokens:
+            return float("nan")
+        return sum(values) / self.total_tokens
+
+    def mean_kl(self) -> float:
+        if self.kl is None or not self.total_tokens:
+            return float("nan")
+        return sum(self.kl) / self.total_tokens
+
+
+def score_sequences(
+    model,
+    tokenizer,
+    sequences: Sequence[Sequence[int]],
+    starts: Sequence[int],
+    batch_size: int = 16,
+    base_context: Callable[[], AbstractContextManager] | None = None,
+    kl: bool = True,
+    progress: bool = False,
+    desc: str = "text",
+) -> SequenceStats:
+    """NLL (and, with ``base_context``, base NLL and KL(base || model)) of tokens ``seq[start:]`` of each
+    sequence; ``start >= 1``. Sequences are batched longest first, right-padded."""
+    if any(s < 1 or s > len(q) for q, s in zip(sequences, starts)):
+        raise ValueError("every start must be in [1, len(sequence)]")
+    parts = LMParts(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
+    n = len(sequences)
+    nll = torch.zeros(n, dtype=torch.float64)
+    nll_base = torch.zeros(n, dtype=torch.float64)
+    kl_sum = torch.zeros(n, dtype=torch.float64)
+    order = sorted(range(n), key=lambda i: -len(sequences[i]))
+    with eval_mode(model), tqdm(total=n, desc=desc, disable=not progress, leave=False) as bar:
+        for batch in batched(order, batch_size):
+            width = max(len(sequences[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            rows, cols, targets, owner = [], [], [], []
+            for r, i in enumerate(batch):
+                seq = list(sequences[i])
+                ids[r, : len(seq)] = torch.tensor(seq)
+                mask[r, : len(seq)] = 1
+                for t in range(starts[i], len(seq)):
+                    rows.append(r)
+                    cols.append(t - 1)
+                    targets.append(seq[t])
+                    owner.append(i)
+            ids, mask = ids.to(parts.device), mask.to(parts.device)
+            rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
+            targets_t, owner_t = torch.tensor(targets), torch.tensor(owner)
+            hidden = parts.hidden(ids, mask, None)[rows_t, cols_t]
+            hidden_base = None
+            if base_context is not None:
+                with base_context():
+                    hidden_base = parts.hidden(ids, mask, None)[rows_t, cols_t]
+            for s in chunks(len(targets), HEAD_CHUNK):
+                logp = torch.log_softmax(parts.logits(hidden[s]).cpu(), dim=-1)
+                tgt = targets_t[s, None]
+                nll.index_add_(0, owner_t[s], -logp.gather(1, tgt)[:, 0].double())
+                if hidden_base is not None:
+                    with base_context():
+                        logp_base = torch.log_softmax(parts.logits(hidden_base[s]).cpu(), dim=-1)
+                    nll_base.index_add_(0, owner_t[s], -logp_base.gather(1, tgt)[:, 0].double())
+                    if kl:
+                        token_kl = (logp_base.exp() * (logp_base - logp)).sum(-1).clamp_min(0.0)
+                        kl_sum.index_add_(0, owner_t[s], token_kl.double())
+            bar.update(len(batch))
+    with_base = base_context is not None
+    return SequenceStats(
+        nll=nll.tolist(),
+        n_tokens=[len(q) - s for q, s in zip(sequences, starts)],
+        nll_base=nll_base.tolist() if with_base else None,
+        kl=kl_sum.tolist() if with_base and kl else None,
+    )
+
+
+def encode_passages(tokenizer, texts: Sequence[str], max_tokens: int) -> tuple[list[list[int]], list[int]]:
+    """Per passage: ``[BOS] + first max_tokens tokens`` and the number of UTF-8 bytes those tokens cover."""
+    prefix = prefix_token_id(tokenizer)
+    sequences, n_bytes = [], []
+    for text in texts:
+        if getattr(tokenizer, "is_fast", False):
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids = list(enc["input_ids"][:max_tokens])
+            end = enc["offset_mapping"][len(ids) - 1][1] if ids else 0
+            covered = text[:end] if len(ids) < len(enc["input_ids"]) else text
+        else:
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens])
+            covered = tokenizer.decode(ids)
+        if not ids:
+            continue
+        sequences.append([prefix] + ids)
+        n_bytes.append(len(covered.encode("utf-8")))
+    return sequences, n_bytes
+
+
+@dataclass
+class TextResult:
+    """Perplexity / bits per byte of one passage set, for the model and (with a base context) the base model,
+    and the drift between them."""
+
+    ppl: float
+    bpb: float
+    ppl_base: float | None
+    bpb_base: float | None
+    drift: float | None
+    n_passages: int
+    n_tokens: int
+    n_bytes: int
+
+
+def text_metrics(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    max_tokens: int = 256,
+    batch_size: int = 16,
+    base_context: Callable[[], AbstractContextManager] | None = None,
+    progress: bool = False,
+    desc: str = "text",
+) -> TextResult:
+    """Perplexity and bits per byte of ``texts`` (first ``max_tokens`` tokens each); with ``base_context``
+    also those of the base model and the drift KL(base || model) per token, from the same pass."""
+    sequences, n_bytes = encode_passages(tokenizer, texts, max_tokens)
+    stats = score_sequences(
+        model,
+        tokenizer,
+        sequences,
+        [1] * len(sequences),
+        batch_size,
+        base_context,
+        progress=progress,
+        desc=desc,
+    )
+    total_bytes = sum(n_bytes)
+
+    def ppl_bpb(mean_nll: float, total_nll: float) -> tuple[float, float]:
+        bpb = total_nll / math.log(2) / total_bytes if total_bytes else float("nan")
+        return math.exp(mean_nll), bpb
+
+    ppl, bpb = ppl_bpb(stats.mean_nll(), sum(stats.nll))
+    ppl_base = bpb_base = drift = None
+    if base_context is not None:
+        ppl_base, bpb_base = ppl_bpb(stats.mean_nll(base=True), sum(stats.nll_base or []))
+        drift = stats.mean_kl()
+    return TextResult(ppl, bpb, ppl_base, bpb_base, drift, len(sequences), stats.total_tokens, total_bytes)
+
+
+def perplexity(model, tokenizer, texts: Sequence[str], max_tokens: int = 256, batch_size: int = 16) -> float:
+    """Token perplexity of ``texts`` (first ``max_tokens`` tokens of each, BOS-prefixed)."""
+    return text_metrics(model, tokenizer, texts, max_tokens, batch_size).ppl
+
+
+def drift(
+    model,
+    tokenizer,
+    sequences: Sequence[Sequence[int]],
+    starts: Sequence[int],
+    base_context: Callable[[], AbstractContextManager],
+    batch_size: int = 16,
+) -> float:
+    """Mean KL(base || model) in nats per token over the tokens ``seq[start:]`` of each sequence."""
+    return score_sequences(model, tokenizer, sequences, starts, batch_size, base_context).mean_kl()

@@ -1,0 +1,182 @@
+"""``arrtune compare``: train and evaluate a grid of runs on one model + task + replay corpus.
+
+A grid file (YAML)::
+
+    output_dir: runs/compare          # one sub-directory per run under runs/, plus the report
+    base:                             # TrainConfig fields shared by every run
+      max_steps: 40
+    runs:                             # one entry per run; a list value sweeps that field
+      - {method: sft}
+      - {method: arr, kl_coef: [0.03, 0.1], kl_on: [replay, both]}
+    eval:                             # EvalConfig fields (see arrtune.evaluation.runner)
+      n_per_benchmark: 100
+
+Every run trains in its own process (so its peak memory is its own) with the same seed and data order,
+then is evaluated against the base model, whose results are computed once and cached. A run whose
+``eval.json`` exists with the same config is skipped, so an interrupted grid resumes where it stopped
+(and a run interrupted mid-training resumes from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from arrtune.config import TrainConfig, _check_key, _coerce, dump_yaml_atomic
+from arrtune.errors import ArrtuneError
+
+
+@dataclass
+class RunSpec:
+    """One run of a grid: its name and its full TrainConfig."""
+
+    name: str
+    config: TrainConfig
+
+
+@dataclass
+class GridConfig:
+    """A comparison grid: shared settings, the runs, and the evaluation settings."""
+
+    output_dir: str = "runs/compare"
+    base: dict[str, Any] = field(default_factory=dict)
+    runs: list[dict[str, Any]] = field(default_factory=lambda: [{"method": m} for m in ("sft", "kl", "replay", "arr")])
+    eval: dict[str, Any] = field(default_factory=dict)
+
+
+def _fmt_value(value: Any) -> str:
+    return str(value).replace("/", "_").replace(" ", "")
+
+
+def expand_runs(grid: GridConfig) -> list[RunSpec]:
+    """Turn the grid's run entries into named runs (list values expand into their cartesian product)."""
+    specs: list[RunSpec] = []
+    for i, entry in enumerate(grid.runs):
+        if not isinstance(entry, dict):
+            raise ArrtuneError(f"grid: runs[{i}] must be a mapping of config keys")
+        entry = dict(entry)
+        name = entry.pop("name", None)
+        swept = {k: v for k, v in entry.items() if isinstance(v, list) and k != "target_modules"}
+        fixed = {k: v for k, v in entry.items() if k not in swept}
+        for combo in itertools.product(*swept.values()) if swept else [()]:
+            values = {**grid.base, **fixed, **dict(zip(swept, combo))}
+            for key in values:
+                _check_key(key, f"grid: runs[{i}]")
+            values = {k: _coerce(k, v, f"grid: runs[{i}]") for k, v in values.items()}
+            run_name = name or "-".join(
+                [str(values.get("method", "arr"))] + [f"{k}={_fmt_value(v)}" for k, v in zip(swept, combo)]
+            )
+            if name and swept:
+                run_name = name + "-" + "-".join(f"{k}={_fmt_value(v)}" for k, v in zip(swept, combo))
+            values["output_dir"] = str(Path(grid.output_dir) / "runs" / run_name)
+            specs.append(RunSpec(run_name, TrainConfig(**values).validate()))
+    names = [s.name for s in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ArrtuneError(f"grid: run names repeat: {', '.join(duplicates)}; give the runs distinct 'name's")
+    models = {s.config.model for s in specs}
+    if len(models) > 1:
+        raise ArrtuneError(f"grid: all runs must use one model, got {sorted(models)}")
+    return specs
+
+
+def load_grid(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> GridConfig:
+    """Read a grid YAML; ``key=value`` overrides go into ``base`` (or ``output_dir``)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ArrtuneError(f"{p}: grid file not found")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ArrtuneError(f"{p}: invalid YAML ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ArrtuneError(f"{p}: expected a mapping with keys output_dir, base, runs, eval")
+        unknown = set(data) - {"output_dir", "base", "runs", "eval"}
+        if unknown:
+            raise ArrtuneError(f"{p}: unknown grid keys {sorted(unknown)} (known: output_dir, base, runs, eval)")
+    grid = GridConfig(**data)
+    from arrtune.config import parse_override
+
+    for item in overrides:
+        key, value = parse_override(item)
+        if key == "output_dir":
+            grid.output_dir = str(value)
+        else:
+            grid.base[key] = value
+    return grid
+
+
+def _train_in_subprocess(spec: RunSpec, debug: bool) -> None:
+    """Train one run in its own Python process (same seed, data order; its own peak memory)."""
+    run_dir = Path(spec.config.output_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    fd, cfg_path = tempfile.mkstemp(prefix=f".{spec.name}.", suffix=".yaml", dir=run_dir.parent)
+    os.close(fd)
+    try:
+        dump_yaml_atomic(spec.config.to_dict(), cfg_path)
+        cmd = [sys.executable, "-m", "arrtune"] + (["--debug"] if debug else []) + ["train", "--config", cfg_path]
+        done = subprocess.run(cmd)
+        if done.returncode != 0:
+            raise ArrtuneError(f"run '{spec.name}': training failed (exit {done.returncode}); see the output above")
+    finally:
+        os.unlink(cfg_path)
+
+
+def _is_finished(spec: RunSpec) -> bool:
+    run_dir = Path(spec.config.output_dir)
+    saved = run_dir / "config.yaml"
+    if not (run_dir / "eval.json").is_file() or not saved.is_file():
+        return False
+    return yaml.safe_load(saved.read_text()) == spec.config.resolved().to_dict()
+
+
+def run_grid(grid: GridConfig, progress: bool = True, debug: bool = False) -> Path:
+    """Train and evaluate every run of the grid (skipping finished ones), then write the report."""
+    import torch
+    from peft import PeftModel
+
+    from arrtune.evaluation import EvalConfig, evaluate_model_pair, evaluate_single, write_eval_json
+    from arrtune.models import load_model, load_tokenizer
+    from arrtune.report import write_report
+
+    specs = expand_runs(grid)
+    out = Path(grid.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    eval_cfg = EvalConfig.from_dict(grid.eval, "grid: eval")
+    for spec in specs:
+        if _is_finished(spec):
+            print(f"[compare] {spec.name}: finished earlier, skipped")
+            continue
+        print(f"[compare] {spec.name}: training")
+        _train_in_subprocess(spec, debug)
+
+    model_spec = specs[0].config.model
+    tokenizer = load_tokenizer(model_spec)
+    base_path = out / "base_eval.json"
+    cached = json.loads(base_path.read_text()) if base_path.is_file() else None
+    if cached is None or cached.get("config") != json.loads(json.dumps(eval_cfg.__dict__)):
+        print("[compare] base model: evaluating")
+        torch.manual_seed(0)
+        base_result = evaluate_single(load_model(model_spec), tokenizer, eval_cfg, progress=progress)
+        write_eval_json(base_result, base_path)
+    for spec in specs:
+        run_dir = Path(spec.config.output_dir)
+        if (run_dir / "eval.json").is_file() and _is_finished(spec):
+            continue
+        print(f"[compare] {spec.name}: evaluating")
+        model = PeftModel.from_pretrained(load_model(model_spec), run_dir / "adapter")
+        result = evaluate_model_pair(model, tokenizer, eval_cfg, progress=progress)
+        write_eval_json(result, run_dir / "eval.json")
+    write_report(out, [s.name for s in specs])
+    return out

@@ -1,0 +1,228 @@
+"""Comparison report: tables (Markdown, CSV, JSON) and plots (PNG) from a ``compare`` directory.
+
+Reads ``base_eval.json`` and, for each run, ``runs/<name>/{config.yaml, eval.json, metrics.jsonl,
+train_summary.json}``. Writes ``report.md``, ``results.csv``, ``results.json``,
+``retention_vs_plasticity.png`` (one point per run, Pareto front marked) and ``loss_curves.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import statistics
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SETTINGS = ("method", "kl_coef", "replay_ratio", "kl_on", "kl_direction", "kl_mask_target", "kl_every")
+COST = ("step_time_s", "sft_tokens_per_s", "peak_memory_gb")
+#: (metric key, column title, higher is better)
+HEADLINE = (
+    ("task/exact_match", "task EM", True),
+    ("task/loss", "task loss", False),
+    ("mc/mean_acc", "MC mean acc", True),
+    ("ppl/wiki", "ppl wiki", False),
+    ("ppl/books", "ppl books", False),
+    ("drift/books", "KL books", False),
+    ("drift/chat", "KL chat", False),
+    ("leak", "leak", False),
+)
+RETENTION_KEY, PLASTICITY_KEY = "mc/mean_acc", "task/exact_match"
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points not dominated by another (both coordinates: higher is better)."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any(
+            (x2 >= x and y2 >= y) and (x2 > x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def collect_rows(compare_dir: str | os.PathLike, names: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per run (plus ``base`` first): settings, every metric, cost and cost ratios to ``sft``."""
+    root = Path(compare_dir)
+    rows: list[dict[str, Any]] = []
+    base = _read_json(root / "base_eval.json")
+    if base is not None:
+        rows.append({"run": "base", "method": "base", **base.get("model", {})})
+    for name in names:
+        run = root / "runs" / name
+        cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+        result = _read_json(run / "eval.json") or {}
+        summary = _read_json(run / "train_summary.json") or {}
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] if (
+            run / "metrics.jsonl"
+        ).is_file() else []  # fmt: skip
+        steps = [r for r in records if "step_time_s" in r][1:]  # the first step includes warm-up
+        row: dict[str, Any] = {"run": name, **{k: cfg.get(k) for k in SETTINGS if k in cfg}}
+        row.update(result.get("adapted", {}))
+        row["step_time_s"] = _median([r["step_time_s"] for r in steps])
+        row["sft_tokens_per_s"] = _median([r["sft_tokens_per_s"] for r in steps])
+        peak = summary.get("peak_memory_bytes")
+        row["peak_memory_gb"] = peak / 2**30 if peak else None
+        row["train_wall_s"] = summary.get("wall_s")
+        rows.append(row)
+    reference = next((r for r in rows if r.get("method") == "sft" and r["run"] != "base"), None)
+    for row in rows:
+        for key in COST:
+            if reference and row.get(key) is not None and reference.get(key):
+                row[f"{key}_vs_sft"] = row[key] / reference[key]
+    return rows
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return ""
+    if isinstance(value, bool) or isinstance(value, str):
+        return str(value)
+    se = row.get(f"{key}_stderr")
+    text = f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+    return f"{text} ± {se:.3f}" if isinstance(se, (int, float)) else text
+
+
+def markdown_tables(rows: list[dict[str, Any]]) -> str:
+    """The report's tables: headline metrics, every benchmark, and cost."""
+    bench = sorted({k[: -len("/acc")] for r in rows for k in r if k.endswith("/acc") and not k.startswith("mc/")})
+
+    def table(columns: list[tuple[str, str]]) -> str:
+        head = "| " + " | ".join(title for _, title in columns) + " |"
+        sep = "|" + "|".join("---" for _ in columns) + "|"
+        body = ["| " + " | ".join(_cell(r, key) for key, _ in columns) + " |" for r in rows]
+        return "\n".join([head, sep, *body])
+
+    settings = [("run", "run")]
+    parts = [
+        "### Plasticity and retention\n",
+        table(settings + [(k, t) for k, t, _ in HEADLINE]),
+        "\n\n### Benchmarks (accuracy ± standard error)\n",
+        table(settings + [(f"{b}/acc", b) for b in bench]),
+        "\n\n### Cost (median over logged steps; ratio to sft)\n",
+        table(
+            settings
+            + [("step_time_s", "s/step"), ("step_time_s_vs_sft", "× sft"), ("sft_tokens_per_s", "SFT tok/s"),
+               ("sft_tokens_per_s_vs_sft", "× sft"), ("peak_memory_gb", "peak GB"), ("peak_memory_gb_vs_sft", "× sft")]
+        ),  # fmt: skip
+    ]
+    return "".join(parts) + "\n"
+
+
+def _atomic_write(path: Path, data: bytes | str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def plot_retention_vs_plasticity(rows: list[dict[str, Any]], path: Path) -> None:
+    """Scatter of task exact match (x) vs mean benchmark accuracy and books perplexity, Pareto front marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    panels = [(RETENTION_KEY, "mean multiple-choice accuracy (higher = less forgetting)", 1),
+              ("ppl/books", "perplexity on held-out books (lower = less forgetting)", -1)]  # fmt: skip
+    for ax, (key, label, sign) in zip(axes, panels):
+        pts = [(r, r.get(PLASTICITY_KEY) or 0.0, r.get(key)) for r in rows if r.get(key) is not None]
+        if not pts:
+            ax.set_visible(False)
+            continue
+        front = set(pareto_front([(x, sign * y) for _, x, y in pts]))
+        for i, (r, x, y) in enumerate(pts):
+            color = "black" if r["run"] == "base" else ("tab:red" if r.get("method") == "sft" else "tab:blue")
+            ax.scatter([x], [y], s=80 if i in front else 40, color=color, edgecolor="gold" if i in front else color,
+                       linewidth=2, zorder=3)  # fmt: skip
+            ax.annotate(r["run"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        line = sorted((pts[i][1], pts[i][2]) for i in front)
+        ax.plot([p[0] for p in line], [p[1] for p in line], "--", color="gold", zorder=2, label="Pareto front")
+        base = next((r for r in rows if r["run"] == "base"), None)
+        if base and base.get(key) is not None:
+            ax.axhline(base[key], color="gray", linestyle=":", label="base model")
+        ax.set_xlabel("task exact match (higher = learned the new task)")
+        ax.set_ylabel(label)
+        ax.legend(loc="best", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Retention vs. plasticity: each point is one fine-tuning run")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    _atomic_write(path, buf.getvalue())
+
+
+def plot_loss_curves(compare_dir: Path, names: Sequence[str], path: Path) -> None:
+    """Each loss term over optimizer steps, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    terms = [("sft_loss", "SFT loss (new task)"), ("replay_loss", "replay loss (general text)"), ("kl", "KL to initial model")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for name in names:
+        f = compare_dir / "runs" / name / "metrics.jsonl"
+        if not f.is_file():
+            continue
+        records = [json.loads(line) for line in f.read_text().splitlines()]
+        for ax, (key, _) in zip(axes, terms):
+            pts = [(r["step"], r[key]) for r in records if key in r]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
+    for ax, (_, title) in zip(axes, terms):
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    axes[0].set_ylabel("loss (nats/token)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    _atomic_write(path, buf.getvalue())
+
+
+def write_report(compare_dir: str | os.PathLike, names: Sequence[str]) -> Path:
+    """Write report.md, results.csv, results.json and the two plots into ``compare_dir``."""
+    root = Path(compare_dir)
+    rows = collect_rows(root, names)
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(root / "results.csv", buf.getvalue())
+    _atomic_write(root / "results.json", json.dumps(rows, indent=2))
+    plot_retention_vs_plasticity(rows, root / "retention_vs_plasticity.png")
+    plot_loss_curves(root, names, root / "loss_curves.png")
+    md = [
+        "# arrtune comparison report\n",
+        "Base = the model before fine-tuning. Accuracies carry ± one binomial standard error. "
+        "Lower is better for task loss, perplexity (ppl), KL to the base (drift) and leak "
+        "(share of answers to general questions that use the new task's words).\n",
+        markdown_tables(rows),
+        "\n![retention vs plasticity](retention_vs_plasticity.png)\n\n![loss curves](loss_curves.png)\n",
+    ]
+    _atomic_write(root / "report.md", "\n".join(md))
+    return root / "report.md"
