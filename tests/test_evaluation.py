@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from arrtune.errors import ArrtuneError
 from arrtune.evaluation import (
@@ -198,6 +199,81 @@ def test_drift_is_zero_with_fresh_adapter_and_positive_after_a_step(tiny):
         after["examples"][0]
     )
     assert after["timing"]["adapted"]["arc_easy/items_per_s"] > 0
+
+
+def _assert_same_result(got, want, where="result"):
+    """Same structure (keys, lengths, types) and values up to float noise; timings: keys only."""
+    assert type(got) is type(want), where
+    if isinstance(want, dict):
+        assert list(got) == list(want), where
+        for key in want:
+            if where.startswith("result.timing") and not isinstance(want[key], dict):
+                continue
+            _assert_same_result(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for k, (a, b) in enumerate(zip(got, want)):
+            _assert_same_result(a, b, f"{where}[{k}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-7, nan_ok=True), where
+    else:
+        assert got == want, where
+
+
+def test_pair_with_cached_base_result_equals_uncached(tiny_model_dir, tmp_path, monkeypatch):
+    from arrtune.evaluation import runner
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    cfg = EvalConfig(**TINY_CFG)
+    base = evaluate_single(load_model(str(tiny_model_dir)), tok, cfg, progress=False)
+    cache = base["base_cache"]
+    assert set(cache["per_item"]) == {
+        "arc_easy/acc",
+        "arc_easy/acc_norm",
+        "boolq/acc",
+        "boolq/acc_norm",
+        "task/exact_match",
+    }
+    assert len(cache["per_item"]["arc_easy/acc"]) == 4 and len(cache["task"]["answers"]) == 4
+    assert len(cache["chat"]["questions"]) == 3 and len(cache["chat"]["answer_ids"]) == 3
+    assert cache["metrics"]["task/loss"] == base["model"]["task/loss"] and "ppl/wiki" not in cache["metrics"]
+    loaded = json.loads(write_eval_json(base, tmp_path / "base_eval.json").read_text())
+
+    # an adapter as `arrtune compare` loads it: saved, then PeftModel.from_pretrained on a fresh base model
+    trained = _lora(load_model(str(tiny_model_dir)))
+    _train_step(trained, tok, "Translate into Vornish: water stone\nvaer kith " * 4)
+    trained.save_pretrained(tmp_path / "adapter")
+    pm = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), tmp_path / "adapter")
+
+    calls = {"score_items": 0, "answer": 0}
+    for name in calls:
+        original = getattr(runner, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(runner, name, counted)
+    uncached = evaluate_model_pair(pm, tok, cfg, progress=False)
+    assert calls == {"score_items": 4, "answer": 4}  # 2 benchmarks x 2 models; task + questions x 2 models
+    assert uncached["adapted"]["drift/wiki"] > 1e-6
+    for base_result in (loaded, base):  # read back from JSON, or as returned
+        calls.update(score_items=0, answer=0)
+        cached = evaluate_model_pair(pm, tok, cfg, progress=False, base_result=base_result)
+        assert calls == {"score_items": 2, "answer": 2}  # the adapted model's only
+        _assert_same_result(cached, uncached)
+    assert cached["timing"]["base"] == base["timing"]["model"]
+
+
+def test_pair_rejects_a_base_result_of_another_config(tiny):
+    model, tok = tiny
+    pm = _lora(model)
+    cfg = EvalConfig(**TINY_CFG)
+    other = {"mode": "single", "config": asdict(EvalConfig(**{**TINY_CFG, "seed": 1})), "base_cache": {}}
+    with pytest.raises(ValueError, match=r"different EvalConfig \(seed: 1 != 0\)"):
+        evaluate_model_pair(pm, tok, cfg, progress=False, base_result=other)
+    with pytest.raises(ValueError, match="result of evaluate_single"):
+        evaluate_model_pair(pm, tok, cfg, progress=False, base_result={"config": asdict(cfg)})
 
 
 def test_evaluate_single_schema_table_and_json(tiny, tmp_path):

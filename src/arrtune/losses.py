@@ -67,6 +67,28 @@ def _kl_rows(
     return terms.sum(-1)
 
 
+def _kl_rows_and_grad(
+    z: torch.Tensor, ref_logits: torch.Tensor, direction: KLDirection
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact full-vocabulary KL per row and its gradient w.r.t. the policy logits ``z``, in closed form.
+
+    forward  KL(q || p): value sum q (log q - log p), gradient p - q.
+    reverse  KL(p || q): value sum p (log p - log q), gradient p * (log p - log q - KL).
+    """
+    logp = z.log_softmax(-1)
+    logq = ref_logits.log_softmax(-1)
+    p = logp.exp()
+    if direction == "forward":
+        q = logq.exp()
+        kl = (q * (logq - logp)).sum(-1)
+        return kl, p.sub_(q)
+    if direction != "reverse":
+        raise ValueError(f"kl direction must be 'forward' or 'reverse', got {direction!r}")
+    d = logp.sub_(logq)  # log p - log q, in place of log p
+    kl = (p * d).sum(-1)
+    return kl, d.sub_(kl[:, None]).mul_(p)
+
+
 class _ChunkedKL(torch.autograd.Function):
     """Per-token KL with the policy gradient computed in the forward pass, chunk by chunk."""
 
@@ -85,7 +107,10 @@ class _ChunkedKL(torch.autograd.Function):
                 q = ref_head(ref_hidden[:, s : s + step][m]).float()
             z = policy_logits[:, s : s + step][m].detach().float()
             tgt = targets[:, s : s + step][m] if targets is not None else None
-            if needs_grad:
+            if needs_grad and topk == 0 and tgt is None:
+                kl, g = _kl_rows_and_grad(z, q, direction)
+                grad[:, s : s + step][m] = g
+            elif needs_grad:  # top-k or masked target: let autograd derive the gradient, chunk by chunk
                 with torch.enable_grad():
                     z.requires_grad_(True)
                     kl = _kl_rows(z, q, direction, topk, tgt)

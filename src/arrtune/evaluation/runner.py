@@ -3,7 +3,9 @@
 :func:`evaluate_model_pair` evaluates a PEFT model twice in one process, as the base model (inside
 ``disable_adapter()``) and as the adapted model, and reports both and their difference; drift and leak are
 measured against the base model (its answers to the general questions are generated once, adapter disabled).
-:func:`evaluate_single` evaluates a plain model (no drift, no leak). Metric names are flat:
+:func:`evaluate_single` evaluates a plain model (no drift, no leak) and keeps, in ``base_cache``, what a pair
+evaluation needs of it as the base model, so that ``evaluate_model_pair(..., base_result=...)`` of several
+adapters of one base model computes the base column once. Metric names are flat:
 
 ===========================  =====================================================================
 ``<bench>/acc``              accuracy (argmax log-likelihood), with ``<bench>/acc_stderr``
@@ -52,6 +54,7 @@ from arrtune.evaluation._common import (
 )
 from arrtune.evaluation.benchmarks import benchmark_name, load_benchmark
 from arrtune.evaluation.generation import (
+    Answers,
     TaskExample,
     answer,
     leak_vocabulary,
@@ -92,8 +95,8 @@ class EvalConfig:
     n_text: int = 50
     #: tokens scored per passage (its first ones); default 256
     max_text_tokens: int = 256
-    #: general questions (TriviaQA) answered greedily for drift on chat answers and leak (used only when an
-    #: adapter is evaluated against its base model); default 50
+    #: general questions (TriviaQA) answered greedily for drift on chat answers and leak (measured when an
+    #: adapter is evaluated against its base model; a single model's answers are kept for that); default 50
     n_questions: int = 50
     #: maximum new tokens per greedy answer (questions and task); default 32
     max_new_tokens: int = 32
@@ -245,29 +248,68 @@ def load_task(cfg: EvalConfig, tokenizer) -> tuple[list[TaskExample], list[str]]
 # --------------------------------------------------------------------------------------------- run
 
 
+#: metrics of the base column that a cached ``evaluate_single`` result supplies (besides the benchmarks')
+_TASK_KEYS = ("task/exact_match", "task/exact_match_stderr", "task/n")
+#: metric names of a benchmark (see MCResult.metrics)
+_BENCH_SUFFIXES = ("/acc", "/acc_stderr", "/acc_norm", "/acc_norm_stderr", "/n")
+
+
+def _cached(value: Any) -> Any:
+    """A number read back from JSON: ``null`` was a non-finite float (see :func:`write_eval_json`)."""
+    return float("nan") if value is None else value
+
+
+def _check_base_result(base_result: Any, cfg: EvalConfig) -> dict[str, Any]:
+    """The ``base_cache`` of an :func:`evaluate_single` result computed with ``cfg``, else ``ValueError``."""
+    if not isinstance(base_result, dict) or not isinstance(base_result.get("base_cache"), dict):
+        raise ValueError("base_result must be a result of evaluate_single (with its 'base_cache')")
+    want, got = _jsonable(asdict(cfg)), _jsonable(base_result.get("config"))
+    if got != want:
+        if isinstance(got, dict):
+            diff = sorted(k for k in {*want, *got} if want.get(k, ...) != got.get(k, ...))
+            detail = ", ".join(
+                f"{k}: {got.get(k, '<missing>')!r} != {want.get(k, '<missing>')!r}" for k in diff
+            )
+        else:
+            detail = "no config"
+        raise ValueError(f"base_result was computed with a different EvalConfig ({detail})")
+    return base_result["base_cache"]
+
+
 def _run(
     model,
     tokenizer,
     cfg: EvalConfig,
     base_ctx: Callable[[], AbstractContextManager] | None,
     progress: bool,
+    cache: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     pair = base_ctx is not None
     columns = ["base", "adapted"] if pair else ["model"]
+    own = "base" if pair else "model"  # the column of the base model
+    cached = pair and cache is not None  # base column from an earlier evaluate_single
+    computed = [c for c in columns if not (cached and c == "base")]
     contexts = {"base": base_ctx, "adapted": null_context, "model": null_context}
     metrics: dict[str, dict[str, Any]] = {c: {} for c in columns}
     per_item: dict[str, dict[str, list[int]]] = {c: {} for c in columns}  # 0/1 per item, for paired stderr
     timing: dict[str, dict[str, float]] = {c: {} for c in columns}
     parts: dict[str, float] = {}
     result: dict[str, Any] = {"mode": "pair" if pair else "single"}
+    own_cache: dict[str, Any] = {}  # what a later evaluate_model_pair needs of this (base) model
     t_total = time.perf_counter()
+
+    def from_cache(section: str, keys) -> dict[str, Any]:
+        try:
+            return {k: _cached(cache[section][k]) for k in keys}
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"base_result: base_cache has no {section} entry {exc}") from None
 
     # 1. multiple-choice benchmarks
     t0 = time.perf_counter()
     for spec in cfg.benchmarks:
         items = load_benchmark(spec, cfg.n_per_benchmark, cfg.seed)
         name = benchmark_name(spec)
-        for c in columns:
+        for c in computed:
             with contexts[c]():
                 r = score_items(model, tokenizer, items, name, cfg.batch_size, progress=progress)
             metrics[c].update(r.metrics())
@@ -275,12 +317,17 @@ def _run(
             per_item[c][f"{name}/acc_norm"] = r.correct_norm
             timing[c][f"{name}/items_per_s"] = r.items_per_s
             timing[c][f"{name}/seconds"] = r.seconds
+        if cached:
+            metrics["base"].update(from_cache("metrics", r.metrics()))
+            per_item["base"].update(from_cache("per_item", (f"{name}/acc", f"{name}/acc_norm")))
+            timing["base"].update(from_cache("timing", (f"{name}/items_per_s", f"{name}/seconds")))
     if cfg.benchmarks:
         for c in columns:
             metrics[c]["mc/mean_acc"] = mean([metrics[c][f"{benchmark_name(s)}/acc"] for s in cfg.benchmarks])
         parts["benchmarks"] = time.perf_counter() - t0
 
-    # 2. perplexity, bits per byte, drift on held-out text (both models from one pass in pair mode)
+    # 2. perplexity, bits per byte, drift on held-out text (both models from one pass in pair mode; the base
+    # forward is needed for drift, so a cache does not skip it)
     t0 = time.perf_counter()
     for set_name, texts in _text_sets(cfg).items():
         r = text_metrics(
@@ -312,6 +359,13 @@ def _run(
         from arrtune.data.task import exact_match
 
         for c in columns:
+            if c not in computed:
+                predictions[c] = list(from_cache("task", ["answers"])["answers"])
+                per_item[c].update(from_cache("per_item", ["task/exact_match"]))
+                metrics[c].update(from_cache("metrics", _TASK_KEYS))
+                if len(predictions[c]) != len(task_examples):
+                    raise ValueError("base_result: base_cache holds answers to a different number of tasks")
+                continue
             with contexts[c]():
                 ans = answer(
                     model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, progress, f"task/{c}"
@@ -333,65 +387,87 @@ def _run(
             [e.prompt_ids + e.response_ids for e in task_examples],
             [len(e.prompt_ids) for e in task_examples],
             cfg.batch_size,
-            base_ctx,
+            None if cached else base_ctx,
             kl=False,
             progress=progress,
             desc="task/loss",
         )
-        if pair:
+        if cached:
+            metrics["base"].update(from_cache("metrics", ["task/loss"]))
+            metrics["adapted"]["task/loss"] = stats.mean_nll()
+        elif pair:
             metrics["base"]["task/loss"] = stats.mean_nll(base=True)
             metrics["adapted"]["task/loss"] = stats.mean_nll()
         else:
             metrics["model"]["task/loss"] = stats.mean_nll()
+        own_cache["task"] = {"answers": predictions[own]}
         result["task_examples"] = [
             {"prompt": e.prompt, "reference": e.reference, **{c: predictions[c][k] for c in columns}}
             for k, e in enumerate(task_examples[: max(cfg.n_examples, 0)])
         ]
         parts["task"] = time.perf_counter() - t0
 
-    # 4. drift on the base model's own chat answers, and leak (pair only)
+    # 4. the base model's greedy answers to general questions; in pair mode drift on them and leak. A single
+    # model answers them too (they are what a later pair evaluation against it reuses), unless its tokenizer
+    # has no chat template (then it could not be the base of an adapter evaluation anyway)
     questions = _questions(cfg)
-    if pair and questions:
+    chat_ok = pair or getattr(tokenizer, "chat_template", None) is not None
+    if questions and chat_ok:
         t0 = time.perf_counter()
         prompts = [question_prompt_ids(tokenizer, q) for q in questions]
-        with base_ctx():
-            base_ans = answer(
-                model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, progress, "chat/base"
-            )
-        adapted_ans = answer(
-            model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, progress, "chat/adapted"
-        )
-        keep = [i for i, a in enumerate(base_ans.ids) if a]
-        stats = score_sequences(
-            model,
-            tokenizer,
-            [base_ans.prompts[i] + base_ans.ids[i] for i in keep],
-            [len(base_ans.prompts[i]) for i in keep],
-            cfg.batch_size,
-            base_ctx,
-            progress=progress,
-            desc="chat/drift",
-        )
-        metrics["adapted"]["drift/chat"] = stats.mean_kl()
-        if train_responses:
-            task_vocab = leak_vocabulary(train_responses, base_ans.texts, general_vocabulary())
-            hits = [leaked_words(t, task_vocab) for t in adapted_ans.texts]
-            leaks = [int(bool(h)) for h in hits]
-            rate = mean(leaks)
-            metrics["adapted"].update({"leak": rate, "leak_stderr": binomial_stderr(rate, len(leaks))})
-            result["leak_vocabulary_size"] = len(task_vocab)
+        if cached:
+            chat = from_cache("chat", ("questions", "prompt_ids", "answer_ids", "answers"))
+            if chat["questions"] != questions or chat["prompt_ids"] != prompts:
+                raise ValueError(
+                    "base_result: its general questions differ from these (another tokenizer or question set)"
+                )
+            base_ans = Answers(prompts, [list(a) for a in chat["answer_ids"]], list(chat["answers"]))
         else:
-            hits = [[] for _ in questions]
-        order = sorted(range(len(questions)), key=lambda i: (not hits[i], i))  # leaking answers first
-        result["examples"] = [
-            {
-                "question": questions[i],
-                "base": base_ans.texts[i],
-                "adapted": adapted_ans.texts[i],
-                "leaked": hits[i],
-            }
-            for i in order[: max(cfg.n_examples, 0)]
-        ]
+            with contexts[own]():
+                base_ans = answer(
+                    model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, progress, f"chat/{own}"
+                )
+        own_cache["chat"] = {
+            "questions": questions,
+            "prompt_ids": base_ans.prompts,
+            "answer_ids": base_ans.ids,
+            "answers": base_ans.texts,
+        }
+        if pair:
+            adapted_ans = answer(
+                model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, progress, "chat/adapted"
+            )
+            keep = [i for i, a in enumerate(base_ans.ids) if a]
+            stats = score_sequences(
+                model,
+                tokenizer,
+                [base_ans.prompts[i] + base_ans.ids[i] for i in keep],
+                [len(base_ans.prompts[i]) for i in keep],
+                cfg.batch_size,
+                base_ctx,
+                progress=progress,
+                desc="chat/drift",
+            )
+            metrics["adapted"]["drift/chat"] = stats.mean_kl()
+            if train_responses:
+                task_vocab = leak_vocabulary(train_responses, base_ans.texts, general_vocabulary())
+                hits = [leaked_words(t, task_vocab) for t in adapted_ans.texts]
+                leaks = [int(bool(h)) for h in hits]
+                rate = mean(leaks)
+                metrics["adapted"].update({"leak": rate, "leak_stderr": binomial_stderr(rate, len(leaks))})
+                result["leak_vocabulary_size"] = len(task_vocab)
+            else:
+                hits = [[] for _ in questions]
+            order = sorted(range(len(questions)), key=lambda i: (not hits[i], i))  # leaking answers first
+            result["examples"] = [
+                {
+                    "question": questions[i],
+                    "base": base_ans.texts[i],
+                    "adapted": adapted_ans.texts[i],
+                    "leaked": hits[i],
+                }
+                for i in order[: max(cfg.n_examples, 0)]
+            ]
         parts["chat"] = time.perf_counter() - t0
 
     parts["total"] = time.perf_counter() - t_total
@@ -403,6 +479,14 @@ def _run(
     out.update(result)  # examples, task_examples, leak_vocabulary_size
     out["timing"] = {**{c: timing[c] for c in columns}, "parts_s": parts}
     out["config"] = asdict(cfg)
+    if not pair:
+        reused = [k for k in metrics["model"] if k.endswith(_BENCH_SUFFIXES) or k.startswith("task/")]
+        out["base_cache"] = {
+            "metrics": {k: metrics["model"][k] for k in reused},
+            "per_item": per_item["model"],
+            "timing": timing["model"],
+            **own_cache,
+        }
     return out
 
 
@@ -420,8 +504,16 @@ def _delta(base: dict, adapted: dict, base_items: dict, adapted_items: dict) -> 
 
 
 def evaluate_single(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = True) -> dict[str, Any]:
-    """Evaluate one model (no adapter): benchmarks, perplexity, task. Returns ``{"mode": "single", "model":
-    {metric: value}, "task_examples": [...], "timing": {...}, "config": {...}}``."""
+    """Evaluate one model (no adapter): benchmarks, perplexity, task, and its greedy answers to the general
+    questions. Returns ``{"mode": "single", "model": {metric: value}, "task_examples": [...], "timing": {...},
+    "config": {...}, "base_cache": {...}}``.
+
+    ``base_cache`` (JSON-serializable) is what :func:`evaluate_model_pair` needs to use this result as its base
+    column without recomputing it (``base_result=``): ``metrics`` (the benchmark and task metrics),
+    ``per_item`` (0/1 per item: ``<bench>/acc``, ``<bench>/acc_norm``, ``task/exact_match``), ``timing``
+    (benchmark throughput), ``task`` (``answers``: the greedy answers to the held-out task prompts) and ``chat``
+    (``questions``, their chat ``prompt_ids``, the greedy ``answer_ids`` and decoded ``answers``); ``task`` and
+    ``chat`` only when those parts are evaluated."""
     return _run(model, tokenizer, cfg or EvalConfig(), None, progress)
 
 
@@ -431,13 +523,24 @@ def evaluate_model_pair(
     cfg: EvalConfig | None = None,
     base_context: Callable[[], AbstractContextManager] | None = None,
     progress: bool = True,
+    base_result: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the base model (inside ``base_context()``, default ``peft_model.disable_adapter()``) and the
     adapted model in one process. Returns ``{"mode": "pair", "base": {...}, "adapted": {...}, "delta": {...},
     "examples": [...], "task_examples": [...], "leak_vocabulary_size": int, "timing": {...}, "config": {...}}``;
-    drift and leak appear in ``adapted`` only."""
+    drift and leak appear in ``adapted`` only.
+
+    ``base_result``: an :func:`evaluate_single` result of the same base model with the same config (as
+    returned, or read back from :func:`write_eval_json`'s file), whose ``base_cache`` then supplies the base
+    benchmark scores, the base task answers and loss and the base answers to the general questions, so that
+    they are not computed again (e.g. when several adapters of one base model are compared). The base forward
+    passes that drift needs (on the held-out text, from which the base perplexity also comes, and on the
+    cached base answers) still run. The result is the same as without ``base_result`` (``timing["base"]`` is
+    the cached one). A result computed with another config raises ``ValueError``."""
+    cfg = cfg or EvalConfig()
+    cache = None if base_result is None else _check_base_result(base_result, cfg)
     ctx = base_context or peft_base_context(peft_model)
-    return _run(peft_model, tokenizer, cfg or EvalConfig(), ctx, progress)
+    return _run(peft_model, tokenizer, cfg, ctx, progress, cache)
 
 
 def evaluate(
