@@ -25,6 +25,82 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from arrtune.evaluation import (
+        EvalConfig,
+        evaluate_model_pair,
+        evaluate_single,
+        format_table,
+        write_eval_json,
+    )
+    from arrtune.models import load_model, load_tokenizer
+
+    data: dict = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise ArrtuneError(f"{path}: eval config not found")
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    for item in args.overrides:
+        from arrtune.config import parse_override
+
+        key, value = parse_override(item)
+        data[key] = value
+    cfg = EvalConfig.from_dict(data, args.config or "override")
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model)
+    if args.adapter:
+        from peft import PeftModel
+
+        adapter = Path(args.adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise ArrtuneError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, adapter)
+        result = evaluate_model_pair(model, tokenizer, cfg, progress=not args.no_progress)
+    else:
+        result = evaluate_single(model, tokenizer, cfg, progress=not args.no_progress)
+    output = Path(args.output or (Path(args.adapter).parent / "eval.json" if args.adapter else "eval.json"))
+    write_eval_json(result, output)
+    print(format_table(result))
+    print(f"\nwrote {output}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from arrtune.experiments import load_grid, run_grid
+
+    grid = load_grid(args.config, args.overrides)
+    out = run_grid(grid, progress=not args.no_progress, debug=args.debug)
+    print((out / "report.md").read_text())
+    print(f"report written to {out / 'report.md'}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from importlib.resources import files
+
+    args.config = str(files("arrtune") / "configs" / "demo.yaml")
+    args.overrides = [f"output_dir={args.output}", *args.overrides]
+    return _cmd_compare(args)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from arrtune.report import write_report
+
+    root = Path(args.dir)
+    names = sorted(p.name for p in (root / "runs").iterdir() if p.is_dir()) if (root / "runs").is_dir() else []
+    if not names:
+        raise ArrtuneError(f"{root}: no runs/ to report on (run 'arrtune compare' first)")
+    print(write_report(root, names).read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``arrtune`` command."""
     parser = argparse.ArgumentParser(prog="arrtune", description=__doc__.splitlines()[0])
@@ -38,6 +114,31 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="key=value", help="config overrides, applied after the file"
     )
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="measure retention and plasticity of a model, or of a base + adapter pair")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model spec (default: smollm2-135m-instruct)")
+    p.add_argument("--adapter", help="PEFT adapter directory: evaluates base and adapted model side by side")
+    p.add_argument("--config", help="eval YAML (EvalConfig fields)")
+    p.add_argument("--output", help="where to write eval.json (default: next to the adapter, or ./eval.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="EvalConfig overrides")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("compare", help="train and evaluate a grid of methods; write a report with plots")
+    p.add_argument("--config", help="grid YAML (see configs/compare.yaml)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the grid's shared run settings")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("demo", help="the built-in comparison: sft vs kl vs replay vs arr on SmolLM2-135M")
+    p.add_argument("--output", default="runs/demo", help="output directory (default: runs/demo)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo's run settings")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("report", help="rebuild report.md, CSV/JSON tables and plots of a compare directory")
+    p.add_argument("dir", help="a compare output directory")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -25,7 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +143,6 @@ def _is_finished(spec: RunSpec) -> bool:
 
 def run_grid(grid: GridConfig, progress: bool = True, debug: bool = False) -> Path:
     """Train and evaluate every run of the grid (skipping finished ones), then write the report."""
-    import torch
     from peft import PeftModel
 
     from arrtune.evaluation import EvalConfig, evaluate_model_pair, evaluate_single, write_eval_json
@@ -164,19 +163,20 @@ def run_grid(grid: GridConfig, progress: bool = True, debug: bool = False) -> Pa
     model_spec = specs[0].config.model
     tokenizer = load_tokenizer(model_spec)
     base_path = out / "base_eval.json"
-    cached = json.loads(base_path.read_text()) if base_path.is_file() else None
-    if cached is None or cached.get("config") != json.loads(json.dumps(eval_cfg.__dict__)):
+    base_result = json.loads(base_path.read_text()) if base_path.is_file() else None
+    wanted = json.loads(json.dumps(asdict(eval_cfg)))
+    if base_result is None or base_result.get("config") != wanted or "base_cache" not in base_result:
         print("[compare] base model: evaluating")
-        torch.manual_seed(0)
         base_result = evaluate_single(load_model(model_spec), tokenizer, eval_cfg, progress=progress)
         write_eval_json(base_result, base_path)
+        base_result = json.loads(base_path.read_text())
     for spec in specs:
         run_dir = Path(spec.config.output_dir)
-        if (run_dir / "eval.json").is_file() and _is_finished(spec):
+        if _is_finished(spec):
             continue
         print(f"[compare] {spec.name}: evaluating")
         model = PeftModel.from_pretrained(load_model(model_spec), run_dir / "adapter")
-        result = evaluate_model_pair(model, tokenizer, eval_cfg, progress=progress)
+        result = evaluate_model_pair(model, tokenizer, eval_cfg, progress=progress, base_result=base_result)
         write_eval_json(result, run_dir / "eval.json")
     write_report(out, [s.name for s in specs])
     return out
