@@ -1,7 +1,7 @@
 """Command line: ``arrtune train | eval | compare | demo``. Parses argv, calls the library, prints results.
 
-Errors in user input print one line (``arrtune: error: ...``) and exit with status 2; ``--debug`` shows
-the traceback instead.
+Errors in user input print one line (``arrtune: error: ...``) and exit with status 2; ``--debug`` (before
+or after ``train``) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg, overwrite=args.overwrite)
-    print(f"adapter saved to {run_dir / 'adapter'}")
+    # under torchrun / accelerate launch only the main process says it
+    if os.environ.get("RANK", "0") == "0":
+        print(f"adapter saved to {run_dir / 'adapter'}")
     return 0
 
 
@@ -94,7 +96,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from arrtune.report import write_report
 
     root = Path(args.dir)
-    names = sorted(p.name for p in (root / "runs").iterdir() if p.is_dir()) if (root / "runs").is_dir() else []
+    names = (
+        sorted(p.name for p in (root / "runs").iterdir() if p.is_dir()) if (root / "runs").is_dir() else []
+    )
     if not names:
         raise ArrtuneError(f"{root}: no runs/ to report on (run 'arrtune compare' first)")
     print(write_report(root, names).read_text())
@@ -111,12 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("--overwrite", action="store_true", help="replace a run directory that holds another run")
     p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs"
+    )
+    p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, applied after the file"
     )
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="measure retention and plasticity of a model, or of a base + adapter pair")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="model spec (default: smollm2-135m-instruct)")
+    p = sub.add_parser(
+        "eval", help="measure retention and plasticity of a model, or of a base + adapter pair"
+    )
+    p.add_argument(
+        "--model", default="smollm2-135m-instruct", help="model spec (default: smollm2-135m-instruct)"
+    )
     p.add_argument("--adapter", help="PEFT adapter directory: evaluates base and adapted model side by side")
     p.add_argument("--config", help="eval YAML (EvalConfig fields)")
     p.add_argument("--output", help="where to write eval.json (default: next to the adapter, or ./eval.json)")
@@ -127,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train and evaluate a grid of methods; write a report with plots")
     p.add_argument("--config", help="grid YAML (see configs/compare.yaml)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the grid's shared run settings")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="overrides of the grid's shared run settings"
+    )
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("demo", help="the built-in comparison: sft vs kl vs replay vs arr on SmolLM2-135M")
@@ -160,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     except ArrtuneError as exc:
         if args.debug:
             raise
-        print(f"arrtune: error: {exc}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"arrtune: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("arrtune: interrupted", file=sys.stderr)

@@ -49,7 +49,9 @@ class GridConfig:
 
     output_dir: str = "runs/compare"
     base: dict[str, Any] = field(default_factory=dict)
-    runs: list[dict[str, Any]] = field(default_factory=lambda: [{"method": m} for m in ("sft", "kl", "replay", "arr")])
+    runs: list[dict[str, Any]] = field(
+        default_factory=lambda: [{"method": m} for m in ("sft", "kl", "replay", "arr")]
+    )
     eval: dict[str, Any] = field(default_factory=dict)
 
 
@@ -104,7 +106,9 @@ def load_grid(path: str | os.PathLike | None, overrides: list[str] | tuple[str, 
             raise ArrtuneError(f"{p}: expected a mapping with keys output_dir, base, runs, eval")
         unknown = set(data) - {"output_dir", "base", "runs", "eval"}
         if unknown:
-            raise ArrtuneError(f"{p}: unknown grid keys {sorted(unknown)} (known: output_dir, base, runs, eval)")
+            raise ArrtuneError(
+                f"{p}: unknown grid keys {sorted(unknown)} (known: output_dir, base, runs, eval)"
+            )
     grid = GridConfig(**data)
     from arrtune.config import parse_override
 
@@ -125,20 +129,35 @@ def _train_in_subprocess(spec: RunSpec, debug: bool) -> None:
     os.close(fd)
     try:
         dump_yaml_atomic(spec.config.to_dict(), cfg_path)
-        cmd = [sys.executable, "-m", "arrtune"] + (["--debug"] if debug else []) + ["train", "--config", cfg_path]
+        cmd = (
+            [sys.executable, "-m", "arrtune"]
+            + (["--debug"] if debug else [])
+            + ["train", "--config", cfg_path]
+        )
         done = subprocess.run(cmd)
         if done.returncode != 0:
-            raise ArrtuneError(f"run '{spec.name}': training failed (exit {done.returncode}); see the output above")
+            raise ArrtuneError(
+                f"run '{spec.name}': training failed (exit {done.returncode}); see the output above"
+            )
     finally:
         os.unlink(cfg_path)
 
 
-def _is_finished(spec: RunSpec) -> bool:
+def _same_config(spec: RunSpec) -> bool:
+    saved = Path(spec.config.output_dir) / "config.yaml"
+    return saved.is_file() and yaml.safe_load(saved.read_text()) == spec.config.resolved().to_dict()
+
+
+def _is_trained(spec: RunSpec) -> bool:
     run_dir = Path(spec.config.output_dir)
-    saved = run_dir / "config.yaml"
-    if not (run_dir / "eval.json").is_file() or not saved.is_file():
-        return False
-    return yaml.safe_load(saved.read_text()) == spec.config.resolved().to_dict()
+    done = (run_dir / "train_summary.json").is_file() and (
+        run_dir / "adapter" / "adapter_config.json"
+    ).is_file()
+    return done and _same_config(spec)
+
+
+def _is_finished(spec: RunSpec) -> bool:
+    return (Path(spec.config.output_dir) / "eval.json").is_file() and _is_trained(spec)
 
 
 def run_grid(grid: GridConfig, progress: bool = True, debug: bool = False) -> Path:
@@ -154,8 +173,8 @@ def run_grid(grid: GridConfig, progress: bool = True, debug: bool = False) -> Pa
     out.mkdir(parents=True, exist_ok=True)
     eval_cfg = EvalConfig.from_dict(grid.eval, "grid: eval")
     for spec in specs:
-        if _is_finished(spec):
-            print(f"[compare] {spec.name}: finished earlier, skipped")
+        if _is_trained(spec):
+            print(f"[compare] {spec.name}: trained earlier, training skipped")
             continue
         print(f"[compare] {spec.name}: training")
         _train_in_subprocess(spec, debug)

@@ -100,7 +100,9 @@ def _cell(row: dict[str, Any], key: str) -> str:
 
 def markdown_tables(rows: list[dict[str, Any]]) -> str:
     """The report's tables: headline metrics, every benchmark, and cost."""
-    bench = sorted({k[: -len("/acc")] for r in rows for k in r if k.endswith("/acc") and not k.startswith("mc/")})
+    bench = sorted(
+        {k[: -len("/acc")] for r in rows for k in r if k.endswith("/acc") and not k.startswith("mc/")}
+    )
 
     def table(columns: list[tuple[str, str]]) -> str:
         head = "| " + " | ".join(title for _, title in columns) + " |"
@@ -117,8 +119,14 @@ def markdown_tables(rows: list[dict[str, Any]]) -> str:
         "\n\n### Cost (median over logged steps; ratio to sft)\n",
         table(
             settings
-            + [("step_time_s", "s/step"), ("step_time_s_vs_sft", "× sft"), ("sft_tokens_per_s", "SFT tok/s"),
-               ("sft_tokens_per_s_vs_sft", "× sft"), ("peak_memory_gb", "peak GB"), ("peak_memory_gb_vs_sft", "× sft")]
+            + [
+                ("step_time_s", "s/step"),
+                ("step_time_s_vs_sft", "× sft"),
+                ("sft_tokens_per_s", "SFT tok/s"),
+                ("sft_tokens_per_s_vs_sft", "× sft"),
+                ("peak_memory_gb", "peak GB"),
+                ("peak_memory_gb_vs_sft", "× sft"),
+            ]
         ),  # fmt: skip
     ]
     return "".join(parts) + "\n"
@@ -153,7 +161,9 @@ def plot_retention_vs_plasticity(rows: list[dict[str, Any]], path: Path) -> None
                        linewidth=2, zorder=3)  # fmt: skip
             ax.annotate(r["run"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
         line = sorted((pts[i][1], pts[i][2]) for i in front)
-        ax.plot([p[0] for p in line], [p[1] for p in line], "--", color="gold", zorder=2, label="Pareto front")
+        ax.plot(
+            [p[0] for p in line], [p[1] for p in line], "--", color="gold", zorder=2, label="Pareto front"
+        )
         base = next((r for r in rows if r["run"] == "base"), None)
         if base and base.get(key) is not None:
             ax.axhline(base[key], color="gray", linestyle=":", label="base model")
@@ -176,7 +186,11 @@ def plot_loss_curves(compare_dir: Path, names: Sequence[str], path: Path) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    terms = [("sft_loss", "SFT loss (new task)"), ("replay_loss", "replay loss (general text)"), ("kl", "KL to initial model")]
+    terms = [
+        ("sft_loss", "SFT loss (new task)"),
+        ("replay_loss", "replay loss (general text)"),
+        ("kl", "KL to initial model"),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for name in names:
         f = compare_dir / "runs" / name / "metrics.jsonl"

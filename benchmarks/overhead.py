@@ -1,0 +1,238 @@
+"""ARR's compute and memory overhead, measured side by side in one run.
+
+For each model and method (sft, kl, replay, arr, and ``arr-copy``: ARR with the KL reference held as a
+**separate frozen copy** of the model, the common approach in other trainers) a fresh worker process builds
+the LoRA model, runs warm-up steps, then times ``--steps`` optimizer steps of arrtune's real loss code
+(``ARRTrainer.compute_loss`` + backward + AdamW step) and reports the median step time, SFT tokens/s and
+peak memory (RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU), each also as a ratio to ``sft``.
+
+It also prints the **floor** of each time ratio from a FLOP count: a LoRA step costs about one forward for
+the activations plus one backward (~2 forwards, no weight gradients for frozen weights); the KL reference
+adds one no-grad forward over the rows it covers; replay adds ``replay_ratio`` x the SFT tokens, each at the
+full step cost. And it prints the achieved fraction of this machine's measured matmul rate (MFU).
+
+    python benchmarks/overhead.py                       # both models, fp32 and bf16 on CPU
+    python benchmarks/overhead.py --models smollm2 --precisions bf16 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ("sft", "kl", "replay", "arr", "arr-copy")
+QWEN_05B_SHAPE = dict(
+    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+    num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+)  # fmt: skip
+
+
+def build_model(name: str):
+    """The model under test: SmolLM2-135M (real weights) or a random model with Qwen2.5-0.5B's shape."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from arrtune.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    if name == "smollm2":
+        return load_model("smollm2-135m-instruct"), tokenizer
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**QWEN_05B_SHAPE))
+    return model, tokenizer  # token ids < 49152 are valid in Qwen's vocabulary
+
+
+def matmul_flops(model) -> tuple[int, int]:
+    """(parameters in matmuls excluding the output head, output-head parameters)."""
+    head = model.get_output_embeddings().weight.numel()
+    body = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
+    if not model.config.tie_word_embeddings:
+        body -= head
+    return body, head
+
+
+def measured_matmul_rate(dtype: torch.dtype, device: str) -> float:
+    """FLOP/s of a large square matmul on this machine (the MFU denominator)."""
+    n = 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps, start = 5, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Measure one (model, method, precision) in this process and print one JSON line."""
+    import resource
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments
+
+    import arrtune.trainer as trainer_module
+    from arrtune.data.replay import ReplayStream
+    from arrtune.data.sft import collate_sft, load_sft_examples
+    from arrtune.trainer import ARRSettings, ARRTrainer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = build_model(args.model)
+    copy_ref = None
+    if args.method == "arr-copy":  # the common approach: a second, frozen model as the reference
+        copy_ref = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    model = get_peft_model(
+        model.to(device), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+    if copy_ref is not None:
+        trainer_module.reference_hidden = lambda _m, ids, mask: copy_ref.get_decoder()(
+            input_ids=ids, attention_mask=mask
+        ).last_hidden_state.detach()
+        trainer_module.reference_head = lambda _m: lambda h: copy_ref.get_output_embeddings()(h).detach()
+
+    kl, ratio = {"sft": (0, 0), "kl": (0.1, 0), "replay": (0, 1), "arr": (0.1, 1), "arr-copy": (0.1, 1)}[
+        args.method
+    ]
+    settings = ARRSettings(kl_coef=kl, replay_ratio=ratio, kl_on="both")
+    replay = ReplayStream("builtin", tokenizer) if ratio else None
+    targs = TrainingArguments(
+        output_dir="/tmp/arrtune-bench", report_to="none", use_cpu=device == "cpu", max_steps=1
+    )
+    trainer = ARRTrainer(model=model, args=targs, processing_class=tokenizer, arr=settings, replay=replay)
+
+    # SFT batch: built-in task examples packed to max_length tokens per row via several examples' messages
+    examples, _ = load_sft_examples("builtin:vornish", tokenizer, max_length=args.max_length)
+    rows = []
+    for i in range(args.batch_size):  # concatenate examples until a row holds max_length tokens
+        ids, labels, j = [], [], i
+        while len(ids) + len(examples[j % len(examples)]["input_ids"]) <= args.max_length:
+            ids += examples[j % len(examples)]["input_ids"]
+            labels += examples[j % len(examples)]["labels"]
+            j += args.batch_size
+        rows.append({"input_ids": ids, "labels": labels})
+    batch = {k: v.to(device) for k, v in collate_sft(rows, tokenizer.pad_token_id).items()}
+    sft_tokens = int(batch["attention_mask"].sum())
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    model.train()
+
+    def step() -> float:
+        start = time.perf_counter()
+        with torch.autocast(device, dtype=dtype, enabled=args.precision == "bf16"):
+            loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.warmup):
+        step()
+    times = [step() for _ in range(args.steps)]
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    body, head = matmul_flops(model.get_base_model())
+    print(json.dumps({
+        "model": args.model, "method": args.method, "precision": args.precision, "device": device,
+        "step_s": statistics.median(times), "times": times, "sft_tokens": sft_tokens,
+        "peak_bytes": peak, "setup_bytes": rss_setup if device == "cpu" else 0, "body_params": body,
+        "head_params": head, "replay_ratio": ratio, "kl": kl > 0,
+    }))  # fmt: skip
+
+
+def floor_ratio(method: str) -> float:
+    """Time ratio to sft from the FLOP count (KL on all rows, replay_ratio 1): step = 2 forwards/token."""
+    ratio = 1.0 if method in ("replay", "arr", "arr-copy") else 0.0
+    kl = method in ("kl", "arr", "arr-copy")
+    return ((1 + ratio) * 2 + (1 + ratio) * kl) / 2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["smollm2", "qwen2.5-0.5b-shape"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="also write the raw results to this file")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rates = {
+        p: measured_matmul_rate(torch.bfloat16 if p == "bf16" else torch.float32, device)
+        for p in args.precisions
+    }
+    print(
+        f"device: {device}; measured matmul rate: "
+        + ", ".join(f"{p} {r / 1e9:.0f} GFLOP/s" for p, r in rates.items())
+    )
+    results = []
+    for model in args.models:
+        for precision in args.precisions:
+            for method in args.methods:
+                cmd = [sys.executable, __file__, "--worker", "--model", model, "--method", method, "--precision", precision,
+                       "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
+                       "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                line = [x for x in out.stdout.splitlines() if x.startswith("{")]
+                if out.returncode != 0 or not line:
+                    print(f"{model} {precision} {method}: FAILED\n{out.stderr[-2000:]}")
+                    continue
+                results.append(json.loads(line[-1]))
+                r = results[-1]
+                print(f"  measured {model} {precision} {method}: {r['step_s']:.2f} s/step", flush=True)
+
+    header = "| model | precision | method | s/step | × sft | floor × sft | % of floor | SFT tok/s | peak GB | × sft | MFU |"
+    print("\n" + header + "\n|" + "---|" * (header.count("|") - 1))
+    for r in results:
+        sft = next(
+            (
+                x
+                for x in results
+                if (x["model"], x["precision"], x["method"]) == (r["model"], r["precision"], "sft")
+            ),
+            None,
+        )
+        ratio = r["step_s"] / sft["step_s"] if sft else float("nan")
+        floor = floor_ratio(r["method"])
+        mem_ratio = r["peak_bytes"] / sft["peak_bytes"] if sft else float("nan")
+        tokens = r["sft_tokens"] * (1 + r["replay_ratio"])
+        flops = 2 * (r["body_params"] + r["head_params"]) * tokens * 2 + (
+            2 * (r["body_params"] + r["head_params"]) * tokens if r["kl"] else 0
+        )
+        mfu = flops / r["step_s"] / rates[r["precision"]]
+        print(f"| {r['model']} | {r['precision']} | {r['method']} | {r['step_s']:.2f} | {ratio:.2f} | {floor:.2f} | "
+              f"{100 * ratio / floor:.0f}% | {r['sft_tokens'] / r['step_s']:.0f} | {r['peak_bytes'] / 2**30:.2f} | "
+              f"{mem_ratio:.2f} | {100 * mfu:.0f}% |")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

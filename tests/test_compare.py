@@ -1,0 +1,98 @@
+"""The comparison grid on the tiny model: report files and columns, resume, Pareto front."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from arrtune.errors import ArrtuneError
+from arrtune.experiments import expand_runs, load_grid, run_grid
+from arrtune.report import pareto_front
+
+EVAL = {"benchmarks": ["arc_easy"], "n_per_benchmark": 4, "n_text": 2, "max_text_tokens": 32, "n_questions": 2,
+        "max_new_tokens": 4, "n_task": 4, "batch_size": 4}  # fmt: skip
+
+
+def write_grid(tmp_path: Path, model_dir: Path, runs: list[dict]) -> Path:
+    grid = {
+        "output_dir": str(tmp_path / "cmp"),
+        "base": {
+            "model": str(model_dir),
+            "max_steps": 2,
+            "warmup_steps": 0,
+            "per_device_train_batch_size": 2,
+            "progress_bar": False,
+        },  # fmt: skip
+        "runs": runs,
+        "eval": EVAL,
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_pareto_front_on_hand_made_points() -> None:
+    points = [(0.1, 0.9), (0.5, 0.5), (0.4, 0.4), (0.9, 0.1), (0.5, 0.2), (0.9, 0.1)]
+    # (0.4, 0.4) and (0.5, 0.2) are dominated by (0.5, 0.5); the two equal points do not dominate each other
+    assert pareto_front(points) == [0, 1, 3, 5]
+    assert pareto_front([]) == []
+
+
+def test_sweeps_expand_with_distinct_names(tmp_path: Path) -> None:
+    grid = load_grid(
+        write_grid(
+            tmp_path,
+            tmp_path,
+            [{"method": "sft"}, {"method": "arr", "kl_coef": [0.1, 0.3], "kl_on": ["sft", "both"]}],
+        )
+    )
+    names = [s.name for s in expand_runs(grid)]
+    assert names[0] == "sft" and len(names) == 5 and len(set(names)) == 5
+    assert "arr-kl_coef=0.3-kl_on=sft" in names
+    bad = load_grid(write_grid(tmp_path, tmp_path, [{"method": "arr", "kl_cof": 0.1}]))
+    with pytest.raises(ArrtuneError, match="did you mean 'kl_coef'"):
+        expand_runs(bad)
+
+
+def test_grid_writes_report_and_resumes(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    path = write_grid(tmp_path, tiny_model_dir, [{"method": "sft"}, {"method": "arr"}])
+    out = run_grid(load_grid(path), progress=False)
+    for name in (
+        "report.md",
+        "results.csv",
+        "results.json",
+        "retention_vs_plasticity.png",
+        "loss_curves.png",
+    ):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["run"] for r in rows] == ["base", "sft", "arr"]
+    for column in ("task/exact_match", "task/loss", "arc_easy/acc", "arc_easy/acc_stderr", "ppl/wiki", "ppl/books",
+                   "drift/books", "leak", "step_time_s", "sft_tokens_per_s", "peak_memory_gb",
+                   "step_time_s_vs_sft", "peak_memory_gb_vs_sft"):  # fmt: skip
+        assert column in rows[0], column
+    arr = rows[2]
+    assert float(arr["step_time_s"]) > 0 and arr["drift/books"] != ""
+    assert float(rows[1]["step_time_s_vs_sft"]) == 1.0
+    report = (out / "report.md").read_text()
+    assert "| arr |" in report and "retention_vs_plasticity.png" in report
+
+    # resume: both runs are finished -> nothing is trained or evaluated again
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
+    capsys.readouterr()
+    run_grid(load_grid(path), progress=False)
+    printed = capsys.readouterr().out
+    assert "sft: trained earlier" in printed and "arr: trained earlier" in printed
+    assert "evaluating" not in printed
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+
+    # an interrupted grid: drop one run's evaluation -> only that run is evaluated again
+    (out / "runs" / "arr" / "eval.json").unlink()
+    run_grid(load_grid(path), progress=False)
+    printed = capsys.readouterr().out
+    assert "arr: evaluating" in printed and "sft: evaluating" not in printed
+    assert json.loads((out / "runs" / "arr" / "eval.json").read_text())["mode"] == "pair"
