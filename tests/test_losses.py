@@ -66,13 +66,18 @@ def test_masked_target_kl_drops_the_label_and_renormalises(direction: str) -> No
     z = policy.clone().requires_grad_(True)
     kl = token_kl(z, hidden, head, mask, direction=direction, targets=targets, chunk_rows=3)
     kl.sum().backward()
+    assert torch.isfinite(z.grad).all()
 
     ref_logits = head(hidden).detach()
     for b, t in mask.nonzero().tolist():
-        drop = None if targets[b, t] == IGNORE_INDEX else targets[b, t : t + 1]
-        want = reference_kl(policy[b, t][None], ref_logits[b, t][None], direction, drop)
+        # reference: drop the label's column outright (no -inf anywhere), softmax over the rest, in float64
+        keep = [j for j in range(policy.shape[-1]) if j != int(targets[b, t])]
+        z64 = policy[b, t].double().clone().requires_grad_(True)
+        want = reference_kl(z64[keep][None], ref_logits[b, t].double()[keep][None], direction)
+        want.sum().backward()
         assert abs(float(kl[b, t]) - float(want)) < 1e-5
-        if drop is not None:  # the label's own logit gets no gradient from this KL
+        assert torch.allclose(z.grad[b, t].double(), z64.grad, atol=1e-5)
+        if targets[b, t] != IGNORE_INDEX:  # the label's own logit gets no gradient from this KL
             assert float(z.grad[b, t, int(targets[b, t])]) == 0.0
 
 

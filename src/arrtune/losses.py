@@ -62,8 +62,12 @@ def _kl_rows(
         a, b = logp, logq
     else:
         raise ValueError(f"kl direction must be 'forward' or 'reverse', got {direction!r}")
-    # 0 * log 0 = 0: terms where the left distribution is zero (masked target) contribute nothing
-    terms = torch.where(torch.isfinite(a), a.exp() * (a - b), torch.zeros_like(a))
+    # 0 * log 0 = 0: the masked target contributes nothing. Replace -inf before the arithmetic, so that
+    # no NaN is formed even in the branch torch.where discards (its gradient would still be NaN).
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    a = torch.where(finite, a, torch.zeros_like(a))
+    b = torch.where(finite, b, torch.zeros_like(b))
+    terms = torch.where(finite, a.exp() * (a - b), torch.zeros_like(a))
     return terms.sum(-1)
 
 
