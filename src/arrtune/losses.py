@@ -72,23 +72,31 @@ def _kl_rows(
 
 
 def _kl_rows_and_grad(
-    z: torch.Tensor, ref_logits: torch.Tensor, direction: KLDirection
+    z: torch.Tensor, ref_logits: torch.Tensor, direction: KLDirection, target: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact full-vocabulary KL per row and its gradient w.r.t. the policy logits ``z``, in closed form.
 
     forward  KL(q || p): value sum q (log q - log p), gradient p - q.
     reverse  KL(p || q): value sum p (log p - log q), gradient p * (log p - log q - KL).
+    With ``target`` (N,), the label token is removed from both distributions first (its gradient is 0).
     """
+    drop = None
+    if target is not None:
+        drop = F.one_hot(target.clamp_min(0), z.shape[-1]).bool() & (target >= 0)[:, None]
+        z = z.masked_fill(drop, float("-inf"))
+        ref_logits = ref_logits.masked_fill(drop, float("-inf"))
     logp = z.log_softmax(-1)
     logq = ref_logits.log_softmax(-1)
     p = logp.exp()
-    if direction == "forward":
-        q = logq.exp()
-        kl = (q * (logq - logp)).sum(-1)
-        return kl, p.sub_(q)
-    if direction != "reverse":
+    if direction not in ("forward", "reverse"):
         raise ValueError(f"kl direction must be 'forward' or 'reverse', got {direction!r}")
     d = logp.sub_(logq)  # log p - log q, in place of log p
+    if drop is not None:
+        d.masked_fill_(drop, 0.0)  # -inf - -inf at the dropped label: that token is not part of either
+    if direction == "forward":
+        q = logq.exp_()
+        kl = -(q * d).sum(-1)
+        return kl, p.sub_(q)
     kl = (p * d).sum(-1)
     return kl, d.sub_(kl[:, None]).mul_(p)
 
@@ -111,10 +119,10 @@ class _ChunkedKL(torch.autograd.Function):
                 q = ref_head(ref_hidden[:, s : s + step][m]).float()
             z = policy_logits[:, s : s + step][m].detach().float()
             tgt = targets[:, s : s + step][m] if targets is not None else None
-            if needs_grad and topk == 0 and tgt is None:
-                kl, g = _kl_rows_and_grad(z, q, direction)
+            if needs_grad and topk == 0:
+                kl, g = _kl_rows_and_grad(z, q, direction, tgt)
                 grad[:, s : s + step][m] = g
-            elif needs_grad:  # top-k or masked target: let autograd derive the gradient, chunk by chunk
+            elif needs_grad:  # top-k: let autograd derive the gradient, chunk by chunk
                 with torch.enable_grad():
                     z.requires_grad_(True)
                     kl = _kl_rows(z, q, direction, topk, tgt)
