@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -130,15 +131,22 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check every value; raise ``ArrtuneError`` naming the key. Returns self."""
+        from transformers.trainer_utils import SchedulerType
+
         choices = {
             "method": PRESETS,
             "kl_direction": ("forward", "reverse"),
             "kl_on": ("sft", "replay", "both"),
             "precision": ("fp32", "bf16", "auto"),
+            "lr_scheduler_type": tuple(s.value for s in SchedulerType),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ArrtuneError(f"config: {key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ArrtuneError(f"config: {f.name}={value!r} must be a finite number")
         checks = [
             ("kl_coef", self.kl_coef is None or self.kl_coef >= 0, ">= 0"),
             ("replay_ratio", self.replay_ratio is None or self.replay_ratio >= 0, ">= 0"),
@@ -199,7 +207,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if base is float and not isinstance(value, bool):
             try:
                 return float(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 pass
         if base is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
             return value

@@ -125,8 +125,10 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedToke
     path = resolve_model_path(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise ArrtuneError(f"model: cannot load the tokenizer of '{spec}': {exc}") from exc
+    except Exception as exc:  # missing or corrupt files, remote code refused, ...: many types
+        raise ArrtuneError(
+            f"model: cannot load the tokenizer of '{spec}' ({type(exc).__name__}: {exc})"
+        ) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -143,6 +145,6 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
-    except (OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # missing or corrupt (safetensors) weights, remote code refused, ...: many types
         raise ArrtuneError(f"model: cannot load '{spec}' ({type(exc).__name__}: {exc})") from exc
     return model

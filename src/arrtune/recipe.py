@@ -2,8 +2,13 @@
 
 A run directory holds ``config.yaml`` (resolved), ``adapter/`` (a standard PEFT adapter), ``metrics.jsonl``
 (one record per logged step), ``train_summary.json`` and, while training, ``checkpoints/``. Running the same
-config into the same directory again resumes from the last complete checkpoint; a different config is
-refused unless ``overwrite`` is set.
+config into the same directory again resumes from the last complete checkpoint (model, optimizer, schedule,
+RNG states, data order and replay position, so the result matches an uninterrupted run), or does nothing
+when the run already finished; a different config is refused unless ``overwrite`` is set.
+
+Every input (model, tokenizer, SFT data, replay corpus) is read before anything is written, so bad input
+leaves an existing run directory as it was. A NaN or inf loss stops training at that step, keeps the
+checkpoints saved before it and writes no adapter.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -34,41 +40,88 @@ def _use_bf16(precision: str) -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def _prepare_run_dir(cfg: TrainConfig, overwrite: bool, is_main: bool) -> tuple[Path, str | None]:
-    """Create or reuse the run directory; returns it and the checkpoint to resume from (or None)."""
-    from transformers.trainer_utils import get_last_checkpoint
+#: config keys that do not change what is trained: a run may be resumed with another value
+COSMETIC_KEYS = ("progress_bar",)
+#: files every resumable checkpoint holds (plus ``rng_state*.pth``, and the replay position when replay is on)
+CHECKPOINT_FILES = ("trainer_state.json", "adapter_config.json", "adapter_model.safetensors", "optimizer.pt",
+                    "scheduler.pt")  # fmt: skip
 
+
+def _config_diff(previous: Any, resolved: dict[str, Any]) -> list[str]:
+    """Keys whose values differ between a saved config and this one (cosmetic keys ignored)."""
+    previous = previous if isinstance(previous, dict) else {}
+    keys = (set(previous) | set(resolved)) - set(COSMETIC_KEYS)
+    return sorted(str(k) for k in keys if previous.get(k) != resolved.get(k))
+
+
+def last_complete_checkpoint(root: str | os.PathLike, needs_replay: bool) -> str | None:
+    """The newest ``checkpoint-N`` under ``root`` holding every file a resume reads; incomplete ones are skipped."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    found = [(int(p.name.split("-")[1]), p) for p in root.iterdir()
+             if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]  # fmt: skip
+    for _, path in sorted(found, reverse=True):
+        missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+        if not any(path.glob("rng_state*.pth")):
+            missing.append("rng_state.pth")
+        if needs_replay and not (path / "replay_state_rank0.json").is_file():
+            missing.append("replay_state_rank0.json")
+        if not missing:
+            return str(path)
+        log.warning("ignoring incomplete checkpoint %s (missing %s)", path, ", ".join(missing))
+    return None
+
+
+def _plan_run_dir(cfg: TrainConfig, overwrite: bool) -> tuple[Path, str | None, bool]:
+    """Decide what to do with the run directory, writing nothing.
+
+    Returns the directory, the checkpoint to resume from (or None) and whether the same run already finished.
+    Raises ``ArrtuneError`` when the directory holds something else and ``overwrite`` is off.
+    """
     run_dir = Path(cfg.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ArrtuneError(f"{run_dir}: output_dir exists and is not a directory")
     saved = run_dir / "config.yaml"
-    resolved = cfg.resolved().to_dict()
     if saved.is_file():
-        previous = yaml.safe_load(saved.read_text(encoding="utf-8"))
-        if previous != resolved and not overwrite:
-            diff = sorted(
-                k for k in set(previous or {}) | set(resolved) if (previous or {}).get(k) != resolved.get(k)
-            )
+        try:
+            previous = yaml.safe_load(saved.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError):
+            previous = None
+        diff = _config_diff(previous, cfg.resolved().to_dict())
+        if overwrite:
+            return run_dir, None, False
+        if diff:
             raise ArrtuneError(
                 f"{run_dir}: holds another run (config differs in: {', '.join(diff)}); "
                 "choose another output_dir or pass --overwrite"
             )
-        if previous == resolved and not overwrite:
-            ckpt_root = run_dir / "checkpoints"
-            last = get_last_checkpoint(str(ckpt_root)) if ckpt_root.is_dir() else None
-            return run_dir, last
-    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        finished = run_dir / "train_summary.json", run_dir / "adapter" / "adapter_config.json"
+        if all(p.is_file() for p in finished):
+            return run_dir, None, True
+        last = last_complete_checkpoint(run_dir / "checkpoints", cfg.resolved_replay_ratio() > 0)
+        return run_dir, last, False
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
         raise ArrtuneError(
             f"{run_dir}: exists and is not an arrtune run directory; pass --overwrite to reuse it"
         )
-    if is_main:
-        for name in ("adapter", "checkpoints", "metrics.jsonl", "train_summary.json"):
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml_atomic(resolved, saved)
-    return run_dir, None
+    return run_dir, None, False
+
+
+def _init_run_dir(run_dir: Path, cfg: TrainConfig, resume_from: str | None) -> None:
+    """On the main process: a fresh run clears earlier outputs and records its config; a resume only drops
+    the metrics logged after its checkpoint."""
+    if resume_from:
+        _truncate_metrics(run_dir / "metrics.jsonl", int(Path(resume_from).name.rsplit("-", 1)[1]))
+        return
+    for name in ("adapter", "checkpoints", "metrics.jsonl", "train_summary.json", "eval.json"):
+        target = run_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_yaml_atomic(cfg.resolved().to_dict(), run_dir / "config.yaml")
 
 
 def _save_adapter_atomic(model: Any, target: Path) -> None:
@@ -86,6 +139,7 @@ def _save_adapter_atomic(model: Any, target: Path) -> None:
 def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
     """Train one LoRA adapter with the ARR loss; returns the run directory."""
     from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
     from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments
 
@@ -95,11 +149,31 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
     from arrtune.trainer import ARRSettings, ARRTrainer, MetricsJsonl
 
     cfg.validate()
-    state = PartialState()
-    run_dir, resume_from = _prepare_run_dir(cfg, overwrite, state.is_main_process)
-    state.wait_for_everyone()
+    # cpu=True on a machine without CUDA: otherwise ranks started by torchrun would not see each other until
+    # TrainingArguments is built, and every rank would read the whole replay stream
+    state = PartialState(cpu=not torch.cuda.is_available())
+    # the main process decides (reading only) and tells the others, so that every rank agrees or fails alike
+    outcome: list[Any] = [None]
+    if state.is_main_process:
+        try:
+            outcome = [_plan_run_dir(cfg, overwrite)]
+        except ArrtuneError as exc:
+            outcome = [str(exc)]
+    if state.num_processes > 1:
+        outcome = broadcast_object_list(outcome)
+    if isinstance(outcome[0], str):
+        raise ArrtuneError(outcome[0])
+    run_dir, resume_from, complete = outcome[0]
+    run_dir = Path(run_dir)
+    if complete:
+        log.info(
+            "%s: this run is already complete (same config); pass --overwrite to train it again", run_dir
+        )
+        return run_dir
 
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    # read every input before writing anything, so that bad input leaves the run directory as it was
+    with state.main_process_first():  # a GGUF model is converted once, by the main process
+        tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     examples, stats = load_sft_examples(cfg.data, tokenizer, cfg.max_length, cfg.data_split)
     if stats.n_too_long or stats.n_empty_response:
         log.warning(
@@ -122,7 +196,10 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=cfg.target_modules, task_type="CAUSAL_LM",
     )  # fmt: skip
-    model = get_peft_model(model, lora)
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as exc:
+        raise ArrtuneError(f"config: target_modules={cfg.target_modules!r}: {exc}") from exc
 
     args = TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
@@ -154,6 +231,9 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
         kl_coef=kl_coef, kl_direction=cfg.kl_direction, kl_on=cfg.kl_on, kl_mask_target=cfg.kl_mask_target,
         kl_topk=cfg.kl_topk, kl_chunk_rows=cfg.kl_chunk_rows, replay_ratio=replay_ratio, replay_weight=cfg.replay_weight,
     )  # fmt: skip
+    if state.is_main_process:
+        _init_run_dir(run_dir, cfg, resume_from)
+    state.wait_for_everyone()
     trainer = ARRTrainer(
         model=model,
         args=args,
@@ -164,23 +244,33 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
         arr=settings,
         replay=replay,
     )
-    if resume_from:
-        log.info("resuming from %s", resume_from)
-        trainer.load_replay_state(resume_from)
-        _truncate_metrics(
-            run_dir / "metrics.jsonl", int(resume_from.rsplit("-", 1)[1]), state.is_main_process
-        )
     started = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    trainer.train(resume_from_checkpoint=resume_from)
+    done_step = _final_step(resume_from)
+    if done_step is not None:
+        # stopped after the last checkpoint but before the adapter: the checkpoint is the result (the Trainer
+        # would run one step too many when resuming at max_steps in the middle of an epoch)
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        log.info("%s holds the last step (%d): writing the adapter from it", resume_from, done_step)
+        set_peft_model_state_dict(model, load_file(Path(resume_from) / "adapter_model.safetensors"))
+        trainer.state.global_step = done_step
+    elif resume_from:
+        log.info("resuming from %s", resume_from)
+        trainer.load_replay_state(resume_from)
+        trainer.train(resume_from_checkpoint=resume_from)
+    else:
+        trainer.train()
     wall = time.perf_counter() - started
 
-    bad_step = getattr(trainer, "nonfinite_step", None)
-    if bad_step is not None:
+    if trainer.nonfinite_step is not None:
+        good = last_complete_checkpoint(run_dir / "checkpoints", replay is not None)
+        kept = f"the last good checkpoint is kept: {good}" if good else "no checkpoint was saved before it"
         raise ArrtuneError(
-            f"training stopped: non-finite loss at step {bad_step}; the last good checkpoint (if any) is kept in "
-            f"{run_dir / 'checkpoints'}; try a lower learning_rate"
+            f"training stopped: non-finite loss (NaN or inf) at step {trainer.nonfinite_step}; {kept}; "
+            "no adapter was written; try a lower learning_rate"
         )
     if state.is_main_process:
         _save_adapter_atomic(trainer.model, run_dir / "adapter")
@@ -203,16 +293,34 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
     return run_dir
 
 
-def _truncate_metrics(path: Path, step: int, is_main: bool) -> None:
-    """Drop records logged after the checkpoint we resume from (they will be logged again)."""
-    if not is_main or not path.is_file():
+def _final_step(checkpoint: str | None) -> int | None:
+    """The checkpoint's step when it is the run's last one (``global_step >= max_steps``), else None."""
+    if checkpoint is None:
+        return None
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+        step, last = int(state["global_step"]), int(state["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArrtuneError(f"{checkpoint}: unreadable trainer_state.json ({exc})") from exc
+    return step if last > 0 and step >= last else None
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records logged after the checkpoint we resume from (they will be logged again), and a last line
+    cut short by a killed process."""
+    if not path.is_file():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _peak_memory() -> int:

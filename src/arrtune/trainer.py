@@ -7,8 +7,9 @@ checkpointing are the Trainer's. This class only:
   batch's width, and runs policy SFT + replay in **one** forward (one DDP forward per micro-batch);
 * runs the reference (the same network with the LoRA adapter disabled, no gradient) on the rows that carry
   the KL, keeping only its final hidden states;
-* combines the three terms with :func:`arrtune.losses.arr_loss` and logs each one;
-* saves the replay stream position with every checkpoint, and writes checkpoints atomically.
+* combines the three terms with :func:`arrtune.losses.arr_loss` and logs each one (averaged over ranks);
+* stops at the first non-finite loss, on every rank, and never checkpoints the diverged model;
+* saves the replay stream position of every rank with each checkpoint, and writes checkpoints atomically.
 """
 
 from __future__ import annotations
@@ -24,13 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from arrtune.data.replay import ReplayStream
+from arrtune.errors import ArrtuneError
 from arrtune.losses import IGNORE_INDEX, arr_loss, masked_mean, token_cross_entropy, token_kl
 
 REPLAY_STATE = "replay_state_rank{rank}.json"
+#: the logged loss terms, in the order they are reduced across ranks
+TERMS = ("sft_loss", "replay_loss", "kl")
 
 
 @dataclass
@@ -92,6 +97,9 @@ class ARRTrainer(Trainer):
         self._term_counts: dict[str, int] = {}
         self._sft_tokens = 0
         self._last_log_time = time.perf_counter()
+        self._last_logged_step = 0
+        #: the optimizer step (1-based) whose loss was NaN or inf, once training stopped because of it
+        self.nonfinite_step: int | None = None
 
     # -- the loss ------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
@@ -140,6 +148,17 @@ class ARRTrainer(Trainer):
         self._sft_tokens += n_sft_tokens
         return (loss, outputs) if return_outputs else loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[override]
+        """One micro-batch; a NaN/inf loss on any rank stops training on every rank before the next save."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        bad = torch.tensor([0.0 if bool(torch.isfinite(loss).all()) else 1.0], device=loss.device)
+        if self.args.world_size > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if float(bad[0]) > 0 and self.nonfinite_step is None:
+            self.nonfinite_step = self.state.global_step + 1
+            self.control.should_training_stop = True
+        return loss
+
     # -- logging -------------------------------------------------------------------------------------
     def _record(self, **terms: torch.Tensor | None) -> None:
         for name, value in terms.items():
@@ -149,22 +168,31 @@ class ARRTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:  # type: ignore[override]
         if "loss" in logs:
-            for name, total in self._terms.items():
-                logs[name] = total / self._term_counts[name]
+            # sums and counts of every rank's micro-batch means (the Trainer calls log on all ranks)
+            totals = torch.tensor(
+                [[self._terms.get(n, 0.0), float(self._term_counts.get(n, 0))] for n in TERMS]
+                + [[float(self._sft_tokens), 0.0]],
+                dtype=torch.float64,
+                device=self.args.device,
+            )
+            if self.args.world_size > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
+            totals = totals.cpu().tolist()
+            for name, (total, count) in zip(TERMS, totals):
+                if count > 0:
+                    logs[name] = total / count
             now = time.perf_counter()
             elapsed = max(now - self._last_log_time, 1e-9)
             if "learning_rate" in logs:
                 logs["lr"] = logs["learning_rate"]
-            logs["sft_tokens_per_s"] = self._sft_tokens * max(self.args.world_size, 1) / elapsed
-            logs["step_time_s"] = elapsed / max(
-                self.state.global_step - getattr(self, "_last_logged_step", 0), 1
-            )
+            logs["sft_tokens_per_s"] = totals[-1][0] / elapsed
+            logs["step_time_s"] = elapsed / max(self.state.global_step - self._last_logged_step, 1)
             self._last_logged_step = self.state.global_step
             self._terms, self._term_counts, self._sft_tokens = {}, {}, 0
             self._last_log_time = now
-            if not all(
-                math.isfinite(v) for k, v in logs.items() if k in ("loss", "sft_loss", "replay_loss", "kl")
-            ):
+            if self.nonfinite_step is None and not all(
+                math.isfinite(logs[k]) for k in ("loss", *TERMS) if k in logs
+            ):  # the same values on every rank, so every rank stops
                 self.control.should_training_stop = True
                 self.nonfinite_step = self.state.global_step
         super().log(logs, start_time)
@@ -176,7 +204,7 @@ class ARRTrainer(Trainer):
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:  # type: ignore[override]
         """Write the checkpoint in a staging directory, add the replay position, then rename it into place."""
-        if getattr(self, "nonfinite_step", None) is not None:
+        if self.nonfinite_step is not None:
             return  # never checkpoint a diverged model
         root = self.args.output_dir
         staging = os.path.join(root, ".staging")
@@ -189,10 +217,13 @@ class ARRTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._staging_dir = None
-        if self.replay is not None:
-            path = Path(staging, name, REPLAY_STATE.format(rank=self.args.process_index))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self.replay.state_dict()))
+        if self.replay is not None:  # every rank's position, written by the main process
+            states = gather_object([self.replay.state_dict()])
+            if self.args.should_save:
+                for state in states:
+                    path = Path(staging, name, REPLAY_STATE.format(rank=state["rank"]))
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(state))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             final = os.path.join(root, name)
@@ -203,12 +234,22 @@ class ARRTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def load_replay_state(self, checkpoint: str) -> None:
-        """Restore this rank's replay stream position from a checkpoint directory."""
+        """Restore this rank's replay stream position (and the step bookkeeping) from a checkpoint directory."""
+        step = Path(checkpoint).name.rsplit("-", 1)[-1]
+        self._last_logged_step = int(step) if step.isdigit() else 0
         if self.replay is None:
             return
         path = Path(checkpoint, REPLAY_STATE.format(rank=self.args.process_index))
-        if path.is_file():
-            self.replay.load_state_dict(json.loads(path.read_text()))
+        if not path.is_file():
+            raise ArrtuneError(
+                f"{checkpoint}: no replay position for rank {self.args.process_index} "
+                "(saved with a different number of processes?)"
+            )
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArrtuneError(f"{path}: unreadable replay position ({exc})") from exc
+        self.replay.load_state_dict(state)
 
 
 class MetricsJsonl(TrainerCallback):

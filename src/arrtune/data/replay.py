@@ -51,16 +51,24 @@ def _local_texts(source: str, text_field: str) -> list[str]:
         raise ArrtuneError(f"{path}:{line}: not valid UTF-8 ({exc.reason})") from exc
     if path.suffix == ".jsonl":
         texts = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ArrtuneError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+            except RecursionError as exc:
+                raise ArrtuneError(f"{path}:{lineno}: invalid JSON (nested too deeply)") from exc
             value = row.get(text_field) if isinstance(row, dict) else None
             if not isinstance(value, str):
                 raise ArrtuneError(f"{path}:{lineno}: field '{text_field}' must be a string")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ArrtuneError(
+                    f"{path}:{lineno}: field '{text_field}' is not valid Unicode ({exc.reason})"
+                ) from exc
             if value.strip():
                 texts.append(value)
         return texts

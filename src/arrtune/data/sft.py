@@ -87,17 +87,21 @@ def _read_file(path: Path) -> list[tuple[str, dict]]:
             rows = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ArrtuneError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
+        except RecursionError as exc:
+            raise ArrtuneError(f"{path}: invalid JSON (nested too deeply)") from exc
         if not all(isinstance(r, dict) for r in rows):
             raise ArrtuneError(f"{path}: expected a JSON list of objects")
         return [(f"{path} item {i + 1}", r) for i, r in enumerate(rows)]
     out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ArrtuneError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+        except RecursionError as exc:
+            raise ArrtuneError(f"{path}:{lineno}: invalid JSON (nested too deeply)") from exc
         if not isinstance(row, dict):
             raise ArrtuneError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
         out.append((f"{path}:{lineno}", row))
@@ -190,7 +194,14 @@ def load_sft_examples(
             stats.n_empty_response += 1
             stats.dropped_lines.append(f"{where}: empty response")
             continue
-        ids, labels = tokenize_messages(tokenizer, messages)
+        try:
+            ids, labels = tokenize_messages(tokenizer, messages)
+        except ArrtuneError:
+            raise
+        except Exception as exc:  # the chat template refused the turns, or the text cannot be encoded
+            raise ArrtuneError(
+                f"{where}: cannot apply the chat template ({type(exc).__name__}: {exc})"
+            ) from exc
         if len(ids) > max_length:
             stats.n_too_long += 1
             stats.dropped_lines.append(f"{where}: {len(ids)} tokens > max_length {max_length}")

@@ -1,0 +1,116 @@
+"""Two CPU processes (gloo, ``torchrun``) on the tiny model: the same per-step losses as one process with the
+same global batch, a disjoint share of the replay stream per rank, and outputs written by rank 0 only.
+
+Tolerance: DDP averages the ranks' per-micro-batch mean losses, while one process takes the mean over the
+whole batch; these agree when every example has the same number of tokens and response tokens, so the data
+here is built that way. The SFT rows then see the same weights and the same inputs in both setups, and the
+logged ``sft_loss``, ``kl`` and ``loss`` agree up to float32 summation order: at most 1e-5 absolute is
+allowed (measured about 5e-7). Replay is on (``replay_ratio=1``) so that its sharding is exercised, but
+``replay_weight=0`` and ``kl_on=sft``: replay batches differ between the setups by design (each rank reads
+its own documents), so they must not feed the compared gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed
+
+from arrtune.config import load_config
+from arrtune.data.replay import ReplayStream
+from arrtune.data.sft import tokenize_messages
+from arrtune.recipe import train
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
+TOLERANCE = 1e-5
+N_REPLAY_DOCS = 40
+
+
+def equal_length_examples(tokenizer, n: int) -> list[dict[str, str]]:
+    """``n`` prompt/completion rows that all tokenize to the same length and the same number of labels."""
+    groups: dict[tuple[int, int], list[dict[str, str]]] = {}
+    words = ["red", "blue", "green", "cold", "warm", "tall", "small", "old", "new", "dark"]
+    for a in words:
+        for b in words:
+            row = {"prompt": f"Describe the {a} house.", "completion": f"The house is {b}."}
+            ids, labels = tokenize_messages(tokenizer, [{"role": "user", "content": row["prompt"]},
+                                                        {"role": "assistant", "content": row["completion"]}])  # fmt: skip
+            groups.setdefault((len(ids), sum(x != -100 for x in labels)), []).append(row)
+    best = max(groups.values(), key=len)
+    assert len(best) >= n
+    random.Random(0).shuffle(best)
+    return best[:n]
+
+
+def per_step(run_dir: Path) -> dict[int, dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "sft_loss" in r]
+    assert len(steps) == len(set(steps))  # one record per step: only rank 0 writes metrics
+    return {r["step"]: r for r in records if "sft_loss" in r}
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+                    reason="torchrun not installed")  # fmt: skip
+def test_two_processes_match_one_process_and_shard_the_replay_stream(
+    tiny_model_dir: Path, tiny_tokenizer, tmp_path: Path
+) -> None:
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in equal_length_examples(tiny_tokenizer, 16)))
+    replay = tmp_path / "replay.txt"
+    replay.write_text("\n\n".join(f"Replay document number {i} is about topic {i * 7 % 13}." for i in range(N_REPLAY_DOCS)))  # fmt: skip
+    common = [f"model={tiny_model_dir}", f"data={data}", f"replay={replay}", "method=arr", "replay_weight=0",
+              "kl_on=sft", "kl_coef=0.1", "max_steps=6", "save_steps=3", "warmup_steps=0", "learning_rate=0.01",
+              "seed=5", "progress_bar=false"]  # fmt: skip
+
+    two = tmp_path / "two"
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "arrtune", "train", *common,
+           f"output_dir={two}", "per_device_train_batch_size=2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    assert done.stdout.count("adapter saved to") == 1  # printed by rank 0 only
+
+    one = train(
+        load_config(None, [*common, f"output_dir={tmp_path / 'one'}", "per_device_train_batch_size=4"])
+    )
+
+    # per-step loss terms: the same global batch of 4 gives the same values
+    a, b = per_step(one), per_step(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    worst = 0.0
+    for step in a:
+        for key in ("sft_loss", "kl", "loss"):
+            worst = max(worst, abs(a[step][key] - b[step][key]))
+    assert worst <= TOLERANCE, worst
+    assert all("replay_loss" in b[s] for s in b)
+
+    # outputs: the same files as one process; the checkpoint holds both ranks' RNG and replay state
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    ckpt = two / "checkpoints" / "checkpoint-6"
+    assert {p.name for p in ckpt.iterdir()} >= {"rng_state_0.pth", "rng_state_1.pth", "replay_state_rank0.json",
+                                                "replay_state_rank1.json", "adapter_model.safetensors"}  # fmt: skip
+    assert not list((two / "checkpoints" / ".staging").iterdir())
+
+    # replay: each rank read its own documents, none shared, and both read some
+    consumed = []
+    for rank in (0, 1):
+        state = json.loads((ckpt / f"replay_state_rank{rank}.json").read_text())
+        assert (state["rank"], state["world_size"], state["epoch"]) == (rank, 2, 0)
+        order = ReplayStream(str(replay), tiny_tokenizer, rank=rank, world_size=2, seed=5).document_ids(0)
+        consumed.append(set(order[: state["docs_consumed"]]))
+    assert consumed[0] and consumed[1] and not consumed[0] & consumed[1]
+    single = json.loads(
+        (tmp_path / "one" / "checkpoints" / "checkpoint-6" / "replay_state_rank0.json").read_text()
+    )
+    assert single["world_size"] == 1
