@@ -138,3 +138,18 @@ def test_cli_train_runs_and_reports_bad_keys(tiny_model_dir, tmp_path) -> None:
     assert bad.returncode == 2
     assert "unknown config key 'kl_cof' (did you mean 'kl_coef'?)" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_kl_every_skips_the_reference_on_off_steps_and_reweights_on_steps(
+    tiny_model_dir, tiny_tokenizer, tmp_path
+) -> None:
+    settings = ARRSettings(kl_coef=0.5, replay_ratio=0.0, kl_every=3)
+    trainer = make_trainer(tiny_model_dir, tiny_tokenizer, tmp_path, settings)
+    batch = sft_batch(tiny_tokenizer)
+    trainer.state.global_step = 1  # an off step: no reference forward, no KL term
+    off = trainer.compute_loss(trainer.model, batch)
+    assert "kl" not in trainer._terms and float(off) == pytest.approx(trainer._terms["sft_loss"], rel=1e-6)
+    trainer._terms, trainer._term_counts = {}, {}
+    trainer.state.global_step = 3  # an on step: weight kl_coef x kl_every
+    on = trainer.compute_loss(trainer.model, batch)
+    assert float(on) == pytest.approx(trainer._terms["sft_loss"] + 1.5 * trainer._terms["kl"], rel=1e-5)

@@ -48,6 +48,7 @@ class ARRSettings:
     kl_mask_target: bool = False
     kl_topk: int = 0
     kl_chunk_rows: int = 1024
+    kl_every: int = 1
     replay_ratio: float = 0.0
     replay_weight: float = 1.0
 
@@ -124,7 +125,9 @@ class ARRTrainer(Trainer):
         )
 
         kl = None
-        if arr.kl_coef > 0:
+        # kl_every = n: the KL on one optimizer step in n, weighted n x (same expected penalty, 1/n the cost)
+        kl_coef = arr.kl_coef * arr.kl_every if self.state.global_step % arr.kl_every == 0 else 0.0
+        if kl_coef > 0:
             rows = {"sft": slice(0, n_sft_rows), "replay": slice(n_sft_rows, None), "both": slice(None)}[
                 arr.kl_on
             ]
@@ -143,7 +146,7 @@ class ARRTrainer(Trainer):
                 )  # fmt: skip
                 kl = masked_mean(kl_tok, kl_mask)
 
-        loss = arr_loss(sft_loss, replay_loss, kl, arr.replay_weight, arr.kl_coef)
+        loss = arr_loss(sft_loss, replay_loss, kl, arr.replay_weight, kl_coef)
         self._record(sft_loss=sft_loss, replay_loss=replay_loss, kl=kl)
         self._sft_tokens += n_sft_tokens
         return (loss, outputs) if return_outputs else loss
