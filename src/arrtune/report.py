@@ -146,9 +146,10 @@ def plot_retention_vs_plasticity(rows: list[dict[str, Any]], path: Path) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     panels = [(RETENTION_KEY, "mean multiple-choice accuracy (higher = less forgetting)", 1),
-              ("ppl/books", "perplexity on held-out books (lower = less forgetting)", -1)]  # fmt: skip
+              ("ppl/books", "perplexity on held-out books (lower = less forgetting)", -1),
+              ("leak", "leak: share of general answers using task words (lower = better)", -1)]  # fmt: skip
     for ax, (key, label, sign) in zip(axes, panels):
         pts = [(r, r.get(PLASTICITY_KEY) or 0.0, r.get(key)) for r in rows if r.get(key) is not None]
         if not pts:
@@ -165,6 +166,8 @@ def plot_retention_vs_plasticity(rows: list[dict[str, Any]], path: Path) -> None
             [p[0] for p in line], [p[1] for p in line], "--", color="gold", zorder=2, label="Pareto front"
         )
         base = next((r for r in rows if r["run"] == "base"), None)
+        if base and key == "leak":
+            base = {**base, "leak": 0.0}  # the base model defines the reference answers: no leak by definition
         if base and base.get(key) is not None:
             ax.axhline(base[key], color="gray", linestyle=":", label="base model")
         ax.set_xlabel("task exact match (higher = learned the new task)")
