@@ -113,3 +113,14 @@ def test_arr_loss_combines_the_named_terms() -> None:
     assert float(arr_loss(sft, rep, kl, replay_weight=0.5, kl_coef=0.1)) == pytest.approx(2 + 1.5 + 0.5)
     assert float(arr_loss(sft, None, None, replay_weight=1.0, kl_coef=1.0)) == 2.0
     assert float(masked_mean(torch.tensor([1.0, 3.0, 9.0]), torch.tensor([True, True, False]))) == 2.0
+
+
+def test_bf16_logits_get_a_bf16_gradient_close_to_float32() -> None:
+    policy, hidden, head, mask = make_inputs(seed=4)
+    z32 = policy.clone().requires_grad_(True)
+    token_kl(z32, hidden, head, mask).sum().backward()
+    z16 = policy.to(torch.bfloat16).requires_grad_(True)
+    kl16 = token_kl(z16, hidden, head, mask)
+    kl16.sum().backward()
+    assert z16.grad.dtype == torch.bfloat16 and kl16.dtype == torch.float32
+    assert torch.allclose(z16.grad.float(), z32.grad, atol=2e-2)

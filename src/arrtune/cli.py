@@ -101,6 +101,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     )
     if not names:
         raise ArrtuneError(f"{root}: no runs/ to report on (run 'arrtune compare' first)")
+    previous = root / "results.json"
+    if previous.is_file():  # keep the run order of the grid's own report
+        import json
+
+        order = [r["run"] for r in json.loads(previous.read_text()) if r.get("run") in names]
+        names = order + [n for n in names if n not in order]
     print(write_report(root, names).read_text())
     return 0
 

@@ -108,7 +108,8 @@ class _ChunkedKL(torch.autograd.Function):
     def forward(ctx, policy_logits, ref_hidden, ref_head, mask, targets, direction, topk, chunk_rows):  # type: ignore[override]
         B, T, V = policy_logits.shape
         needs_grad = policy_logits.requires_grad
-        grad = torch.zeros(B, T, V, dtype=torch.float32, device=policy_logits.device) if needs_grad else None
+        # the gradient buffer has the logits' dtype (bf16 under autocast, like the CE's own logit gradient)
+        grad = torch.zeros(B, T, V, dtype=policy_logits.dtype, device=policy_logits.device) if needs_grad else None
         out = torch.zeros(B, T, dtype=torch.float32, device=policy_logits.device)
         step = max(1, chunk_rows // max(B, 1))
         for s in range(0, T, step):
@@ -121,26 +122,23 @@ class _ChunkedKL(torch.autograd.Function):
             tgt = targets[:, s : s + step][m] if targets is not None else None
             if needs_grad and topk == 0:
                 kl, g = _kl_rows_and_grad(z, q, direction, tgt)
-                grad[:, s : s + step][m] = g
+                grad[:, s : s + step][m] = g.to(grad.dtype)
             elif needs_grad:  # top-k: let autograd derive the gradient, chunk by chunk
                 with torch.enable_grad():
                     z.requires_grad_(True)
                     kl = _kl_rows(z, q, direction, topk, tgt)
                     (g,) = torch.autograd.grad(kl.sum(), z)
-                grad[:, s : s + step][m] = g
+                grad[:, s : s + step][m] = g.to(grad.dtype)
             else:
                 kl = _kl_rows(z, q, direction, topk, tgt)
             out[:, s : s + step][m] = kl.detach()
-        if needs_grad:
-            ctx.save_for_backward(grad)
-        ctx.logits_dtype = policy_logits.dtype
+        ctx.grad = grad  # not save_for_backward: backward scales it in place (no second B x T x V block)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        g = (grad * grad_out[..., None]).to(ctx.logits_dtype)
-        return g, None, None, None, None, None, None, None
+        grad, ctx.grad = ctx.grad, None  # single use: a second backward through this graph is not supported
+        return grad.mul_(grad_out[..., None].to(grad.dtype)), None, None, None, None, None, None, None
 
 
 def token_kl(
