@@ -109,7 +109,11 @@ class _ChunkedKL(torch.autograd.Function):
         B, T, V = policy_logits.shape
         needs_grad = policy_logits.requires_grad
         # the gradient buffer has the logits' dtype (bf16 under autocast, like the CE's own logit gradient)
-        grad = torch.zeros(B, T, V, dtype=policy_logits.dtype, device=policy_logits.device) if needs_grad else None
+        grad = (
+            torch.zeros(B, T, V, dtype=policy_logits.dtype, device=policy_logits.device)
+            if needs_grad
+            else None
+        )
         out = torch.zeros(B, T, dtype=torch.float32, device=policy_logits.device)
         step = max(1, chunk_rows // max(B, 1))
         for s in range(0, T, step):

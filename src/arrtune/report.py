@@ -167,7 +167,10 @@ def plot_retention_vs_plasticity(rows: list[dict[str, Any]], path: Path) -> None
         )
         base = next((r for r in rows if r["run"] == "base"), None)
         if base and key == "leak":
-            base = {**base, "leak": 0.0}  # the base model defines the reference answers: no leak by definition
+            base = {
+                **base,
+                "leak": 0.0,
+            }  # the base model defines the reference answers: no leak by definition
         if base and base.get(key) is not None:
             ax.axhline(base[key], color="gray", linestyle=":", label="base model")
         ax.set_xlabel("task exact match (higher = learned the new task)")
