@@ -398,7 +398,7 @@ def test_user_jsonl_benchmark(tmp_path):
         ('{"prompt": "x", "choices": ["a", "b"], "label": 2}', "label"),
         ('{"prompt": 3, "choices": ["a", "b"], "label": 0}', "prompt"),
         ('{"prompt": "x", "choices": ["a", "b"], "label": 0, "answer": 1}', "unknown field"),
-        ("{not json", "not valid JSON"),
+        ("{not json", "invalid JSON"),
     ):
         bad = tmp_path / "bad.jsonl"
         bad.write_text('{"prompt": "ok", "choices": ["a", "b"], "label": 0}\n' + line + "\n")

@@ -13,7 +13,6 @@ position (epoch, documents consumed, leftover tokens) is a small dict saved with
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from arrtune.data.jsonl import read_jsonl, read_utf8
 from arrtune.errors import ArrtuneError
 from arrtune.losses import IGNORE_INDEX
 
@@ -44,34 +44,22 @@ def _local_texts(source: str, text_field: str) -> list[str]:
         if text_field not in table.column_names:
             raise ArrtuneError(f"{path}: no column '{text_field}' (columns: {table.column_names})")
         return [t for t in table.column(text_field).to_pylist() if isinstance(t, str) and t.strip()]
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise ArrtuneError(f"{path}:{line}: not valid UTF-8 ({exc.reason})") from exc
     if path.suffix == ".jsonl":
         texts = []
-        for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ArrtuneError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
-            except RecursionError as exc:
-                raise ArrtuneError(f"{path}:{lineno}: invalid JSON (nested too deeply)") from exc
-            value = row.get(text_field) if isinstance(row, dict) else None
+        for where, row in read_jsonl(path):
+            value = row.get(text_field)
             if not isinstance(value, str):
-                raise ArrtuneError(f"{path}:{lineno}: field '{text_field}' must be a string")
+                raise ArrtuneError(f"{where}: field '{text_field}' must be a string")
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError as exc:
                 raise ArrtuneError(
-                    f"{path}:{lineno}: field '{text_field}' is not valid Unicode ({exc.reason})"
+                    f"{where}: field '{text_field}' is not valid Unicode ({exc.reason})"
                 ) from exc
             if value.strip():
                 texts.append(value)
         return texts
+    text = read_utf8(path)
     return [d.strip() for d in text.split("\n\n") if d.strip()]
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from arrtune.data.jsonl import read_jsonl, read_utf8
 from arrtune.errors import ArrtuneError
 from arrtune.losses import IGNORE_INDEX
 
@@ -77,34 +78,19 @@ def _read_file(path: Path) -> list[tuple[str, dict]]:
         except Exception as exc:
             raise ArrtuneError(f"{path}: not a readable parquet file ({exc})") from exc
         return [(f"{path} row {i + 1}", r) for i, r in enumerate(rows)]
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise ArrtuneError(f"{path}:{line}: not valid UTF-8 ({exc.reason})") from exc
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ArrtuneError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
-        except RecursionError as exc:
-            raise ArrtuneError(f"{path}: invalid JSON (nested too deeply)") from exc
-        if not all(isinstance(r, dict) for r in rows):
-            raise ArrtuneError(f"{path}: expected a JSON list of objects")
-        return [(f"{path} item {i + 1}", r) for i, r in enumerate(rows)]
-    out = []
-    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ArrtuneError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
-        except RecursionError as exc:
-            raise ArrtuneError(f"{path}:{lineno}: invalid JSON (nested too deeply)") from exc
-        if not isinstance(row, dict):
-            raise ArrtuneError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        out.append((f"{path}:{lineno}", row))
+    if path.suffix == ".json":
+        text = read_utf8(path)
+        if text.lstrip().startswith("["):
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ArrtuneError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
+            except RecursionError as exc:
+                raise ArrtuneError(f"{path}: invalid JSON (nested too deeply)") from exc
+            if not all(isinstance(r, dict) for r in rows):
+                raise ArrtuneError(f"{path}: expected a JSON list of objects")
+            return [(f"{path} item {i + 1}", r) for i, r in enumerate(rows)]
+    out = read_jsonl(path)
     if not out:
         raise ArrtuneError(f"{path}: no examples (the file holds only blank lines)")
     return out

@@ -39,13 +39,13 @@ excluded), as the harness does.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from arrtune.data.jsonl import read_jsonl
 from arrtune.errors import ArrtuneError
 from arrtune.evaluation._common import subset_indices
 
@@ -239,21 +239,10 @@ BENCHMARKS: dict[str, Callable[[], list[MCItem]]] = {
 def load_jsonl_benchmark(path: str | Path) -> list[MCItem]:
     """Items of a user benchmark in the documented JSONL schema; bad lines raise ``ArrtuneError`` (file:line)."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ArrtuneError(f"{path}: cannot read benchmark file ({exc.strerror or exc})") from exc
+    if not path.is_file():
+        raise ArrtuneError(f"{path}: cannot read benchmark file (no such file)")
     items = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ArrtuneError(f"{where}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(row, dict):
-            raise ArrtuneError(f"{where}: expected a JSON object with prompt, choices, label")
+    for where, row in read_jsonl(path):
         unknown = set(row) - {"prompt", "choices", "label", "delimiter"}
         if unknown:
             raise ArrtuneError(

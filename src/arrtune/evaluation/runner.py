@@ -193,25 +193,13 @@ def general_vocabulary() -> frozenset[str]:
 
 
 def _read_task_rows(path: str, field_name: str) -> list[list[dict[str, str]]]:
+    from arrtune.data.jsonl import read_jsonl
     from arrtune.data.sft import to_messages
 
     p = Path(path).expanduser()
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ArrtuneError(f"{field_name}: cannot read {path} ({exc})") from exc
-    rows = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{p}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ArrtuneError(f"{where}: invalid JSON ({exc.msg})") from exc
-        if not isinstance(row, dict):
-            raise ArrtuneError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        rows.append(to_messages(row, where))
+    if not p.is_file():
+        raise ArrtuneError(f"{field_name}: cannot read {path} (no such file)")
+    rows = [to_messages(row, where) for where, row in read_jsonl(p)]
     if not rows:
         raise ArrtuneError(f"{p}: no examples")
     return rows
