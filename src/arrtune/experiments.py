@@ -74,11 +74,14 @@ def expand_runs(grid: GridConfig) -> list[RunSpec]:
             for key in values:
                 _check_key(key, f"grid: runs[{i}]")
             values = {k: _coerce(k, v, f"grid: runs[{i}]") for k, v in values.items()}
-            run_name = name or "-".join(
-                [str(values.get("method", "arr"))] + [f"{k}={_fmt_value(v)}" for k, v in zip(swept, combo)]
-            )
-            if name and swept:
-                run_name = name + "-" + "-".join(f"{k}={_fmt_value(v)}" for k, v in zip(swept, combo))
+            # default name: the method, then every other setting this entry gives (fixed ones, then swept ones)
+            own = {**{k: v for k, v in fixed.items() if k != "method"}, **dict(zip(swept, combo))}
+            parts = [f"{k}={_fmt_value(v)}" for k, v in own.items()]
+            if name:
+                swept_parts = [f"{k}={_fmt_value(v)}" for k, v in zip(swept, combo)]
+                run_name = "-".join([name, *swept_parts])
+            else:
+                run_name = "-".join([str(values.get("method", "arr")), *parts])
             values["output_dir"] = str(Path(grid.output_dir) / "runs" / run_name)
             specs.append(RunSpec(run_name, TrainConfig(**values).validate()))
     names = [s.name for s in specs]
