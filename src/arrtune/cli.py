@@ -30,8 +30,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import yaml
-
+    from arrtune.config import parse_override, read_yaml_mapping
     from arrtune.evaluation import (
         EvalConfig,
         evaluate_model_pair,
@@ -41,15 +40,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
     from arrtune.models import load_model, load_tokenizer
 
-    data: dict = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ArrtuneError(f"{path}: eval config not found")
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data = read_yaml_mapping(args.config, "eval config", "a mapping of eval settings") if args.config else {}
     for item in args.overrides:
-        from arrtune.config import parse_override
-
         key, value = parse_override(item)
         data[key] = value
     cfg = EvalConfig.from_dict(data, args.config or "override")

@@ -253,30 +253,38 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def read_yaml_mapping(path: str | os.PathLike, kind: str, expected: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (empty file = ``{}``); errors name the file and line.
+
+    ``kind`` names the file in errors ("config", "grid", ...); ``expected`` describes the mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ArrtuneError(f"{p}: {kind} file not found")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ArrtuneError(f"{p}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from exc
+    except UnicodeDecodeError as exc:
+        raise ArrtuneError(f"{p}: not valid UTF-8") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ArrtuneError(f"{p}: expected {expected}")
+    return loaded
+
+
 def load_config(
     path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> TrainConfig:
     """Build a validated config from a YAML file (optional) and ``key=value`` overrides (applied last)."""
     values: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ArrtuneError(f"{p}: config file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise ArrtuneError(f"{p}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from exc
-        except UnicodeDecodeError as exc:
-            raise ArrtuneError(f"{p}: not valid UTF-8") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ArrtuneError(f"{p}: expected a mapping of config keys")
-        for key, value in loaded.items():
-            _check_key(str(key), str(p))
-            values[key] = _coerce(key, value, str(p))
+        for key, value in read_yaml_mapping(path, "config", "a mapping of config keys").items():
+            _check_key(str(key), str(path))
+            values[key] = _coerce(key, value, str(path))
     for item in overrides:
         key, value = parse_override(item)
         _check_key(key, "override")

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from arrtune.config import TrainConfig, _check_key, _coerce, dump_yaml_atomic
+from arrtune.config import TrainConfig, _check_key, _coerce, dump_yaml_atomic, read_yaml_mapping
 from arrtune.errors import ArrtuneError
 
 
@@ -99,14 +99,7 @@ def load_grid(path: str | os.PathLike | None, overrides: list[str] | tuple[str, 
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ArrtuneError(f"{p}: grid file not found")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ArrtuneError(f"{p}: invalid YAML ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ArrtuneError(f"{p}: expected a mapping with keys output_dir, base, runs, eval")
+        data = read_yaml_mapping(p, "grid", "a mapping with keys output_dir, base, runs, eval")
         unknown = set(data) - {"output_dir", "base", "runs", "eval"}
         if unknown:
             raise ArrtuneError(

@@ -1,0 +1,38 @@
+"""``arrtune eval`` from the command line: eval.json and a printed table, single model and base + adapter."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+SMALL = ["benchmarks=[arc_easy]", "n_per_benchmark=4", "n_text=2", "max_text_tokens=32", "n_questions=2",
+         "max_new_tokens=4", "n_task=4", "batch_size=4", "--no-progress"]  # fmt: skip
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "arrtune", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_eval_single_and_pair(tiny_model_dir, tmp_path) -> None:
+    train = run("train", f"model={tiny_model_dir}", f"output_dir={tmp_path / 'r'}", "max_steps=2", "warmup_steps=0",
+                "learning_rate=0.01", "progress_bar=false")  # fmt: skip
+    assert train.returncode == 0, train.stderr
+
+    single = run("eval", "--model", str(tiny_model_dir), "--output", str(tmp_path / "single.json"), *SMALL)
+    assert single.returncode == 0, single.stderr
+    result = json.loads((tmp_path / "single.json").read_text())
+    assert result["mode"] == "single" and "arc_easy/acc" in result["model"]
+    assert "arc_easy/acc" in single.stdout
+
+    pair = run("eval", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "r" / "adapter"), *SMALL)
+    assert pair.returncode == 0, pair.stderr
+    result = json.loads((tmp_path / "r" / "eval.json").read_text())  # default: next to the adapter
+    assert result["mode"] == "pair" and {"base", "adapted", "delta"} <= set(result)
+    assert result["adapted"]["drift/books"] > 0  # the trained adapter moved the model
+    assert "drift/books" in pair.stdout
+
+    bad = run("eval", "--model", str(tiny_model_dir), "--config", str(tmp_path / "missing.yaml"), *SMALL)
+    assert bad.returncode == 2 and "missing.yaml: eval config file not found" in bad.stderr
