@@ -10,13 +10,13 @@ import dataclasses
 import difflib
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from arrtune.atomic import write_atomic
 from arrtune.errors import ArrtuneError
 
 #: method -> (kl_coef, replay_ratio); explicit values in the config override these.
@@ -294,9 +294,4 @@ def load_config(
 
 def dump_yaml_atomic(data: dict[str, Any], path: str | os.PathLike) -> None:
     """Write ``data`` as YAML to ``path`` via a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        yaml.safe_dump(data, f, sort_keys=False)
-    os.replace(tmp, path)
+    write_atomic(path, yaml.safe_dump(data, sort_keys=False))

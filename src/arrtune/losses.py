@@ -34,6 +34,15 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits[mask].float(), labels[mask])
 
 
+def _drop_target(
+    policy_logits: torch.Tensor, ref_logits: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both logits with the label token set to -inf (rows whose target is ``IGNORE_INDEX`` untouched), and
+    the ``(N, V)`` bool mask of the dropped entries."""
+    drop = F.one_hot(target.clamp_min(0), policy_logits.shape[-1]).bool() & (target >= 0)[:, None]
+    return policy_logits.masked_fill(drop, float("-inf")), ref_logits.masked_fill(drop, float("-inf")), drop
+
+
 def _kl_rows(
     policy_logits: torch.Tensor,
     ref_logits: torch.Tensor,
@@ -43,9 +52,7 @@ def _kl_rows(
 ) -> torch.Tensor:
     """Per-row KL for 2-D ``(N, V)`` float32 logits; ``target`` (N,) masks the label token (or None)."""
     if target is not None:
-        drop = F.one_hot(target.clamp_min(0), policy_logits.shape[-1]).bool() & (target >= 0)[:, None]
-        policy_logits = policy_logits.masked_fill(drop, float("-inf"))
-        ref_logits = ref_logits.masked_fill(drop, float("-inf"))
+        policy_logits, ref_logits, _ = _drop_target(policy_logits, ref_logits, target)
     logp = policy_logits.log_softmax(-1)
     logq = ref_logits.log_softmax(-1)
     if topk > 0:
@@ -82,9 +89,7 @@ def _kl_rows_and_grad(
     """
     drop = None
     if target is not None:
-        drop = F.one_hot(target.clamp_min(0), z.shape[-1]).bool() & (target >= 0)[:, None]
-        z = z.masked_fill(drop, float("-inf"))
-        ref_logits = ref_logits.masked_fill(drop, float("-inf"))
+        z, ref_logits, drop = _drop_target(z, ref_logits, target)
     logp = z.log_softmax(-1)
     logq = ref_logits.log_softmax(-1)
     p = logp.exp()
@@ -126,15 +131,15 @@ class _ChunkedKL(torch.autograd.Function):
             tgt = targets[:, s : s + step][m] if targets is not None else None
             if needs_grad and topk == 0:
                 kl, g = _kl_rows_and_grad(z, q, direction, tgt)
-                grad[:, s : s + step][m] = g.to(grad.dtype)
             elif needs_grad:  # top-k: let autograd derive the gradient, chunk by chunk
                 with torch.enable_grad():
                     z.requires_grad_(True)
                     kl = _kl_rows(z, q, direction, topk, tgt)
                     (g,) = torch.autograd.grad(kl.sum(), z)
-                grad[:, s : s + step][m] = g.to(grad.dtype)
             else:
-                kl = _kl_rows(z, q, direction, topk, tgt)
+                kl, g = _kl_rows(z, q, direction, topk, tgt), None
+            if g is not None:
+                grad[:, s : s + step][m] = g.to(grad.dtype)
             out[:, s : s + step][m] = kl.detach()
         ctx.grad = grad  # not save_for_backward: backward scales it in place (no second B x T x V block)
         return out

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import yaml
 
+from arrtune.atomic import write_atomic
 from arrtune.config import TrainConfig, dump_yaml_atomic
 from arrtune.errors import ArrtuneError
 
@@ -286,9 +287,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
             "peak_memory_bytes": _peak_memory(),
             "resumed_from": resume_from,
         }
-        tmp = run_dir / "train_summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, run_dir / "train_summary.json")
+        write_atomic(run_dir / "train_summary.json", json.dumps(summary, indent=2))
     state.wait_for_everyone()
     return run_dir
 
@@ -318,9 +317,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and record.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _peak_memory() -> int:

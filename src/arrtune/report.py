@@ -12,12 +12,13 @@ import io
 import json
 import os
 import statistics
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from arrtune.atomic import write_atomic
 
 SETTINGS = ("method", "kl_coef", "replay_ratio", "kl_on", "kl_direction", "kl_mask_target", "kl_every")
 COST = ("step_time_s", "sft_tokens_per_s", "peak_memory_gb")
@@ -132,13 +133,6 @@ def markdown_tables(rows: list[dict[str, Any]]) -> str:
     return "".join(parts) + "\n"
 
 
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
 def plot_retention_vs_plasticity(rows: list[dict[str, Any]], path: Path) -> None:
     """Scatter of task exact match (x) vs mean benchmark accuracy and books perplexity, Pareto front marked."""
     import matplotlib
@@ -182,7 +176,7 @@ def plot_retention_vs_plasticity(rows: list[dict[str, Any]], path: Path) -> None
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 def plot_loss_curves(compare_dir: Path, names: Sequence[str], path: Path) -> None:
@@ -218,7 +212,7 @@ def plot_loss_curves(compare_dir: Path, names: Sequence[str], path: Path) -> Non
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 def write_report(compare_dir: str | os.PathLike, names: Sequence[str]) -> Path:
@@ -232,8 +226,8 @@ def write_report(compare_dir: str | os.PathLike, names: Sequence[str]) -> Path:
     writer = csv.DictWriter(buf, fieldnames=keys)
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(root / "results.csv", buf.getvalue())
-    _atomic_write(root / "results.json", json.dumps(rows, indent=2))
+    write_atomic(root / "results.csv", buf.getvalue())
+    write_atomic(root / "results.json", json.dumps(rows, indent=2))
     plot_retention_vs_plasticity(rows, root / "retention_vs_plasticity.png")
     plot_loss_curves(root, names, root / "loss_curves.png")
     md = [
@@ -244,5 +238,5 @@ def write_report(compare_dir: str | os.PathLike, names: Sequence[str]) -> Path:
         markdown_tables(rows),
         "\n![retention vs plasticity](retention_vs_plasticity.png)\n\n![loss curves](loss_curves.png)\n",
     ]
-    _atomic_write(root / "report.md", "\n".join(md))
+    write_atomic(root / "report.md", "\n".join(md))
     return root / "report.md"

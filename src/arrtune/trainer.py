@@ -63,17 +63,24 @@ def adapter_disabled(peft_model: Any):
         yield
 
 
+def _base_model(peft_model: Any) -> Any:
+    """The transformers model inside a PEFT wrapper (the model itself when it is not wrapped)."""
+    return peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+
+
 def reference_hidden(peft_model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Final hidden states of the initial model (adapter disabled, no gradient): ``(B, T, H)``."""
-    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     with torch.no_grad(), adapter_disabled(peft_model):
-        return base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return (
+            _base_model(peft_model)
+            .get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+            .last_hidden_state
+        )
 
 
 def reference_head(peft_model: Any):
     """The initial model's output layer as a function ``hidden -> logits``."""
-    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    head = base.get_output_embeddings()
+    head = _base_model(peft_model).get_output_embeddings()
 
     def apply(hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), adapter_disabled(peft_model):
@@ -136,10 +143,9 @@ class ARRTrainer(Trainer):
                 peft_model = self.accelerator.unwrap_model(model)
                 hidden = reference_hidden(peft_model, ids[rows], attention[rows])[:, :-1]
                 mask_targets = None
-                if arr.kl_mask_target:
+                if arr.kl_mask_target:  # only SFT rows drop their target; they come first among the KL rows
                     mask_targets = targets[rows].clone()
-                    start = 0 if arr.kl_on != "replay" else n_sft_rows
-                    mask_targets[max(0, n_sft_rows - start) :] = IGNORE_INDEX  # only SFT rows drop the target
+                    mask_targets[0 if arr.kl_on == "replay" else n_sft_rows :] = IGNORE_INDEX
                 kl_tok = token_kl(
                     logits[rows], hidden, reference_head(peft_model), kl_mask,
                     direction=arr.kl_direction, topk=arr.kl_topk, targets=mask_targets, chunk_rows=arr.kl_chunk_rows,

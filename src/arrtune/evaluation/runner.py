@@ -28,11 +28,8 @@ Everything is deterministic for a given config: subsets are fixed-seed samples a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -41,6 +38,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from arrtune.atomic import write_atomic
 from arrtune.errors import ArrtuneError
 from arrtune.evaluation._common import (
     base_context as peft_base_context,
@@ -618,18 +616,5 @@ def _jsonable(value: Any) -> Any:
 def write_eval_json(result: dict[str, Any], path: str | Path) -> Path:
     """Write ``result`` as JSON atomically (temporary file in the same directory, then ``os.replace``);
     non-finite numbers become ``null``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_jsonable(result), f, indent=2, ensure_ascii=False, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    text = json.dumps(_jsonable(result), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return write_atomic(path, text)
