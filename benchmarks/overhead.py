@@ -1,10 +1,12 @@
 """ARR's compute and memory overhead, measured side by side in one run.
 
 For each model and method (sft, kl, replay, arr, and ``arr-copy``: ARR with the KL reference held as a
-**separate frozen copy** of the model, the common approach in other trainers) a fresh worker process builds
-the LoRA model, runs warm-up steps, then times ``--steps`` optimizer steps of arrtune's real loss code
-(``ARRTrainer.compute_loss`` + backward + AdamW step) and reports the median step time, SFT tokens/s and
-peak memory (RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU), each also as a ratio to ``sft``.
+**separate frozen copy** of the model, the common approach in other trainers; and ``sft-hf``: the plain
+transformers step, ``model(**batch).loss`` with full logits, for context) a fresh worker process builds the
+LoRA model, runs warm-up steps, then times ``--steps`` optimizer steps of arrtune's real training code
+(``ARRTrainer.training_step``: both passes with their backward, under the Trainer's own autocast; then the
+AdamW step) and reports the median step time, SFT tokens/s and peak memory (RSS on CPU,
+``torch.cuda.max_memory_allocated`` on GPU), each also as a ratio to ``sft``.
 
 It also prints the **floor** of each time ratio from a FLOP count: a LoRA step costs about one forward for
 the activations plus one backward (~2 forwards, no weight gradients for frozen weights); the KL reference
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("sft", "kl", "replay", "arr", "arr-copy")
+METHODS = ("sft-hf", "sft", "kl", "replay", "arr", "arr-copy")
 QWEN_05B_SHAPE = dict(
     vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
     num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
@@ -99,13 +101,16 @@ def worker(args: argparse.Namespace) -> None:
         ).last_hidden_state.detach()
         trainer_module.reference_head = lambda _m: lambda h: copy_ref.get_output_embeddings()(h).detach()
 
-    kl, ratio = {"sft": (0, 0), "kl": (0.1, 0), "replay": (0, 1), "arr": (0.1, 1), "arr-copy": (0.1, 1)}[
-        args.method
-    ]
+    kl, ratio = {"sft-hf": (0, 0), "sft": (0, 0), "kl": (0.1, 0), "replay": (0, 1), "arr": (0.1, 1),
+                 "arr-copy": (0.1, 1)}[args.method]  # fmt: skip
     settings = ARRSettings(kl_coef=kl, replay_ratio=ratio, kl_on="both")
     replay = ReplayStream("builtin", tokenizer) if ratio else None
     targs = TrainingArguments(
-        output_dir="/tmp/arrtune-bench", report_to="none", use_cpu=device == "cpu", max_steps=1
+        output_dir="/tmp/arrtune-bench",
+        report_to="none",
+        use_cpu=device == "cpu",
+        max_steps=1,
+        bf16=args.precision == "bf16",
     )
     trainer = ARRTrainer(model=model, args=targs, processing_class=tokenizer, arr=settings, replay=replay)
 
@@ -123,14 +128,16 @@ def worker(args: argparse.Namespace) -> None:
     sft_tokens = int(batch["attention_mask"].sum())
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     model.train()
 
     def step() -> float:
         start = time.perf_counter()
-        with torch.autocast(device, dtype=dtype, enabled=args.precision == "bf16"):
-            loss = trainer.compute_loss(model, batch)
-        loss.backward()
+        if args.method == "sft-hf":  # what a plain transformers/TRL SFT step does: full logits, HF's loss
+            with trainer.accelerator.autocast():
+                loss = model(**batch).loss
+            loss.backward()
+        else:
+            trainer.training_step(model, batch)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
@@ -159,7 +166,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def floor_ratio(method: str) -> float:
     """Time ratio to sft from the FLOP count (KL on all rows, replay_ratio 1): step = 2 forwards/token."""
-    ratio = 1.0 if method in ("replay", "arr", "arr-copy") else 0.0
+    ratio = 1.0 if method in ("replay", "arr", "arr-copy") else 0.0  # sft-hf: 1.0, same FLOPs as sft
     kl = method in ("kl", "arr", "arr-copy")
     return ((1 + ratio) * 2 + (1 + ratio) * kl) / 2
 

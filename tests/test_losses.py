@@ -1,126 +1,175 @@
-"""The KL and CE functions against float64 references written independently here."""
+"""``head_losses`` (chunked CE + KL from hidden states) against float64 references written independently here."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from arrtune.losses import IGNORE_INDEX, arr_loss, masked_mean, token_cross_entropy, token_kl
+from arrtune.losses import IGNORE_INDEX, KLTerm, default_chunk_rows, head_losses
 
 
 def reference_kl(
     policy: torch.Tensor, ref: torch.Tensor, direction: str, drop: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Plain float64 KL per row, optionally without the token ``drop`` (renormalised)."""
-    p = policy.double().softmax(-1)
-    q = ref.double().softmax(-1)
-    if drop is not None:
-        keep = torch.ones_like(p)
-        keep.scatter_(-1, drop[:, None], 0.0)
-        p, q = p * keep, q * keep
-        p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
-    a, b = (q, p) if direction == "forward" else (p, q)
-    terms = torch.where(a > 0, a * (a.log() - b.log()), torch.zeros_like(a))
-    return terms.sum(-1)
+    """Plain float64 KL per row of logits; with ``drop`` (N,), that row's token is cut out of both logits
+    outright (no -inf anywhere) and the rest renormalised by the softmax."""
+    rows = []
+    for i in range(len(policy)):
+        keep = [j for j in range(policy.shape[-1]) if drop is None or j != int(drop[i])]
+        logp = policy[i, keep].double().log_softmax(-1)
+        logq = ref[i, keep].double().log_softmax(-1)
+        a, b = (logq, logp) if direction == "forward" else (logp, logq)
+        rows.append((a.exp() * (a - b)).sum())
+    return torch.stack(rows)
 
 
 def make_inputs(seed: int = 0, B: int = 3, T: int = 7, H: int = 5, V: int = 11):
+    """Policy and reference hidden states, a frozen output layer, labels with gaps, per-token weights."""
     g = torch.Generator().manual_seed(seed)
-    policy = torch.randn(B, T, V, generator=g) * 2
     hidden = torch.randn(B, T, H, generator=g)
-    head = torch.nn.Linear(H, V, bias=False)
+    ref_hidden = hidden + 0.5 * torch.randn(B, T, H, generator=g)
+    head = torch.nn.Linear(H, V, bias=False).requires_grad_(False)
     with torch.no_grad():
         head.weight.copy_(torch.randn(V, H, generator=g))
-    mask = torch.rand(B, T, generator=g) > 0.3
-    return policy, hidden, head, mask
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[torch.rand(B, T, generator=g) < 0.3] = IGNORE_INDEX
+    ce_w = torch.rand(B, T, generator=g)
+    kl_w = torch.rand(B, T, generator=g) * (torch.rand(B, T, generator=g) > 0.3)
+    labels[0, 0], kl_w[0, 0] = IGNORE_INDEX, 0.0  # one position without any loss
+    return hidden, ref_hidden, head, labels, ce_w, kl_w
+
+
+def reference_loss(hidden, ref_hidden, head, labels, ce_w, kl_w, direction, drop=None):
+    """float64: sum(ce_w * CE) + sum(kl_w * KL) with full logits, and the per-token values."""
+    z = hidden.double() @ head.weight.T.double()
+    q = (ref_hidden.double() @ head.weight.T.double()).detach()
+    has = labels != IGNORE_INDEX
+    ce = -z.log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None])[..., 0] * has
+    flat_drop = drop.reshape(-1) if drop is not None else None
+    kl = reference_kl(z.reshape(-1, z.shape[-1]), q.reshape(-1, q.shape[-1]), direction, flat_drop).view(
+        labels.shape
+    )
+    kl = kl * (kl_w != 0)
+    return (ce * ce_w.double() * has).sum() + (kl * kl_w.double()).sum(), ce, kl
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("chunk_rows", [1, 4, 1000])
-def test_token_kl_matches_float64_reference_value_and_gradient(direction: str, chunk_rows: int) -> None:
-    policy, hidden, head, mask = make_inputs()
-    weights = torch.rand(mask.shape)  # an arbitrary downstream use of the per-token values
+def test_ce_and_kl_match_float64_reference_value_and_gradient(direction: str, chunk_rows: int) -> None:
+    hidden, ref_hidden, head, labels, ce_w, kl_w = make_inputs()
+    h = hidden.clone().requires_grad_(True)
+    kl = KLTerm(ref_hidden, head, kl_w, direction)
+    loss, ce_tok, kl_tok = head_losses(h, head, labels, ce_w, kl, chunk_rows=chunk_rows)
+    loss.backward()
 
-    z = policy.clone().requires_grad_(True)
-    kl = token_kl(z, hidden, head, mask, direction=direction, chunk_rows=chunk_rows)
-    (kl * weights).sum().backward()
-
-    z64 = policy.double().clone().requires_grad_(True)
-    ref_logits = head(hidden).detach().double()
-    expected = torch.zeros(mask.shape, dtype=torch.float64)
-    expected[mask] = reference_kl(z64[mask], ref_logits[mask], direction)
-    (expected * weights.double()).sum().backward()
-
-    assert torch.allclose(kl.double(), expected.detach(), atol=1e-5)
-    assert (kl[~mask] == 0).all()
-    assert torch.allclose(z.grad.double(), z64.grad, atol=1e-5)
-    assert (z.grad[~mask] == 0).all()
+    h64 = hidden.double().clone().requires_grad_(True)
+    want, want_ce, want_kl = reference_loss(h64, ref_hidden, head, labels, ce_w, kl_w, direction)
+    want.backward()
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    assert torch.allclose(ce_tok.double(), want_ce.detach(), atol=1e-5)
+    assert torch.allclose(kl_tok.double(), want_kl.detach(), atol=1e-5)
+    assert (kl_tok[kl_w == 0] == 0).all() and (ce_tok[labels == IGNORE_INDEX] == 0).all()
+    assert torch.allclose(h.grad.double(), h64.grad, atol=1e-5)
+    # positions with neither a label nor a KL weight get no gradient
+    idle = (labels == IGNORE_INDEX) & (kl_w == 0)
+    assert idle.any() and (h.grad[idle] == 0).all()
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
-def test_masked_target_kl_drops_the_label_and_renormalises(direction: str) -> None:
-    policy, hidden, head, mask = make_inputs(seed=1)
-    targets = torch.randint(0, policy.shape[-1], mask.shape)
-    targets[0, 0] = IGNORE_INDEX  # rows without a target keep the plain KL
-    mask[0, 0] = True
-    z = policy.clone().requires_grad_(True)
-    kl = token_kl(z, hidden, head, mask, direction=direction, targets=targets, chunk_rows=3)
-    kl.sum().backward()
-    assert torch.isfinite(z.grad).all()
-
-    ref_logits = head(hidden).detach()
-    for b, t in mask.nonzero().tolist():
-        # reference: drop the label's column outright (no -inf anywhere), softmax over the rest, in float64
-        keep = [j for j in range(policy.shape[-1]) if j != int(targets[b, t])]
-        z64 = policy[b, t].double().clone().requires_grad_(True)
-        want = reference_kl(z64[keep][None], ref_logits[b, t].double()[keep][None], direction)
-        want.sum().backward()
-        assert abs(float(kl[b, t]) - float(want)) < 1e-5
-        assert torch.allclose(z.grad[b, t].double(), z64.grad, atol=1e-5)
-        if targets[b, t] != IGNORE_INDEX:  # the label's own logit gets no gradient from this KL
-            assert float(z.grad[b, t, int(targets[b, t])]) == 0.0
+def test_dropped_labels_leave_the_kl_and_renormalise(direction: str) -> None:
+    hidden, ref_hidden, head, labels, ce_w, kl_w = make_inputs(seed=1)
+    drop = labels.clone()
+    drop[0] = IGNORE_INDEX  # rows without a dropped label keep the plain KL
+    h = hidden.clone().requires_grad_(True)
+    loss, _, kl_tok = head_losses(h, head, labels, 0.0, KLTerm(ref_hidden, head, kl_w, direction, 0, drop),
+                                  chunk_rows=3)  # fmt: skip
+    loss.backward()
+    assert torch.isfinite(h.grad).all()
+    h64 = hidden.double().clone().requires_grad_(True)
+    want, _, want_kl = reference_loss(
+        h64, ref_hidden, head, labels, torch.zeros_like(ce_w), kl_w, direction, drop
+    )
+    want.backward()
+    assert torch.allclose(kl_tok.double(), want_kl.detach(), atol=1e-5)
+    assert torch.allclose(h.grad.double(), h64.grad, atol=1e-5)
 
 
 def test_topk_kl_is_a_lower_bound_that_becomes_exact_with_full_k() -> None:
-    policy, hidden, head, mask = make_inputs(seed=2)
-    V = policy.shape[-1]
-    exact = token_kl(policy, hidden, head, mask, direction="forward")
-    approx = token_kl(policy, hidden, head, mask, direction="forward", topk=3)
-    full = token_kl(policy, hidden, head, mask, direction="forward", topk=V)
-    assert (approx[mask] <= exact[mask] + 1e-6).all()
-    assert (approx[mask] > 0).all()
-    assert torch.allclose(full, exact, atol=1e-5)
+    hidden, ref_hidden, head, labels, _, kl_w = make_inputs(seed=2)
+    V = head.weight.shape[0]
+
+    def kl_values(topk: int) -> torch.Tensor:
+        h = hidden.clone().requires_grad_(True)
+        loss, _, kl = head_losses(h, head, labels, 0.0, KLTerm(ref_hidden, head, kl_w, "forward", topk))
+        loss.backward()
+        return kl, h.grad
+
+    (exact, g_exact), (approx, _), (full, g_full) = kl_values(0), kl_values(3), kl_values(V)
+    on = kl_w != 0
+    assert (approx[on] <= exact[on] + 1e-6).all() and (approx[on] > 0).all()
+    assert torch.allclose(full, exact, atol=1e-5) and torch.allclose(g_full, g_exact, atol=1e-5)
 
 
 def test_kl_is_zero_when_policy_equals_reference() -> None:
-    _, hidden, head, mask = make_inputs(seed=3)
-    logits = head(hidden).detach()
+    hidden, _, head, labels, _, kl_w = make_inputs(seed=3)
     for direction in ("forward", "reverse"):
-        assert token_kl(logits, hidden, head, mask, direction=direction).abs().max() < 1e-6
+        _, _, kl = head_losses(hidden, head, labels, 1.0, KLTerm(hidden, head, kl_w, direction))
+        assert kl.abs().max() < 1e-6
 
 
-def test_cross_entropy_ignores_masked_labels() -> None:
-    logits = torch.randn(2, 4, 6)
-    labels = torch.tensor([[1, IGNORE_INDEX, 3, 0], [IGNORE_INDEX, IGNORE_INDEX, 5, 2]])
+def test_cross_entropy_alone_is_torch_cross_entropy() -> None:
+    hidden, _, head, labels, _, _ = make_inputs(seed=5)
     keep = labels != IGNORE_INDEX
-    expected = -logits.log_softmax(-1)[keep].gather(-1, labels[keep][:, None]).mean()
-    assert torch.allclose(token_cross_entropy(logits, labels), expected)
-    assert token_cross_entropy(logits, torch.full_like(labels, IGNORE_INDEX)) == 0
+    h = hidden.clone().requires_grad_(True)
+    loss, _, _ = head_losses(h, head, labels, 1.0 / int(keep.sum()))
+    expected = torch.nn.functional.cross_entropy(head(hidden)[keep], labels[keep])
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-6)
+    with torch.no_grad():  # values only: nothing for backward is built
+        loss, _, _ = head_losses(h, head, labels, 1.0)
+    assert loss.grad_fn is None
 
 
-def test_arr_loss_combines_the_named_terms() -> None:
-    sft, rep, kl = torch.tensor(2.0), torch.tensor(3.0), torch.tensor(5.0)
-    assert float(arr_loss(sft, rep, kl, replay_weight=0.5, kl_coef=0.1)) == pytest.approx(2 + 1.5 + 0.5)
-    assert float(arr_loss(sft, None, None, replay_weight=1.0, kl_coef=1.0)) == 2.0
-    assert float(masked_mean(torch.tensor([1.0, 3.0, 9.0]), torch.tensor([True, True, False]))) == 2.0
+def test_trainable_and_softcapped_heads_get_autograd_gradients() -> None:
+    """A trainable output layer (e.g. LoRA on lm_head) and a soft-capped one (Gemma) behave like autograd."""
+    hidden, ref_hidden, head, labels, ce_w, kl_w = make_inputs(seed=6)
+    head.requires_grad_(True)
+
+    def capped(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(head(x) / 3.0) * 3.0
+
+    h = hidden.clone().requires_grad_(True)
+    loss, _, _ = head_losses(h, capped, labels, ce_w, KLTerm(ref_hidden, capped, kl_w), [head.weight], 4)
+    loss.backward()
+    ours_h, ours_w = h.grad.clone(), head.weight.grad.clone()
+    head.weight.grad = None
+    h2 = hidden.clone().requires_grad_(True)
+    z = capped(h2).log_softmax(-1)
+    with torch.no_grad():
+        logq = capped(ref_hidden).log_softmax(-1)
+    has = labels != IGNORE_INDEX
+    ce = -z.gather(-1, labels.clamp_min(0)[..., None])[..., 0] * has
+    kl = (z.exp() * (z - logq)).sum(-1)
+    ((ce * ce_w).sum() + (kl * kl_w).sum()).backward()
+    assert torch.allclose(ours_h, h2.grad, atol=1e-5)
+    assert torch.allclose(ours_w, head.weight.grad, atol=1e-5)
 
 
-def test_bf16_logits_get_a_bf16_gradient_close_to_float32() -> None:
-    policy, hidden, head, mask = make_inputs(seed=4)
-    z32 = policy.clone().requires_grad_(True)
-    token_kl(z32, hidden, head, mask).sum().backward()
-    z16 = policy.to(torch.bfloat16).requires_grad_(True)
-    kl16 = token_kl(z16, hidden, head, mask)
-    kl16.sum().backward()
-    assert z16.grad.dtype == torch.bfloat16 and kl16.dtype == torch.float32
-    assert torch.allclose(z16.grad.float(), z32.grad, atol=2e-2)
+def test_bf16_autocast_is_close_to_float32() -> None:
+    hidden, ref_hidden, head, labels, ce_w, kl_w = make_inputs(seed=4, H=64, V=97)
+    results = []
+    for enabled in (False, True):
+        h = hidden.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            loss, _, _ = head_losses(h, head, labels, ce_w, KLTerm(ref_hidden, head, kl_w))
+        loss.backward()
+        assert loss.dtype == torch.float32 and h.grad.dtype == torch.float32
+        results.append((float(loss.detach()), h.grad))
+    (loss32, g32), (loss16, g16) = results
+    assert loss16 == pytest.approx(loss32, rel=2e-2)
+    assert (g16 - g32).abs().max() < 0.05 * g32.abs().max()
+
+
+def test_default_chunk_rows_bounds_one_float32_logits_block() -> None:
+    for vocab in (11, 49_152, 151_936, 262_144):
+        rows = default_chunk_rows(vocab)
+        assert rows >= 16 and (rows * vocab * 4 <= 32 * 2**20 or rows == 16)

@@ -83,7 +83,11 @@ class TrainConfig:
     kl_every: int = _f(
         1, "Compute the KL on one optimizer step in n only, weighted n x kl_coef (1 = every step)."
     )
-    kl_chunk_rows: int = _f(1024, "Token rows per chunk when computing the KL (bounds transient memory).")
+    loss_chunk_rows: int = _f(
+        0,
+        "Token rows turned into logits at once for the CE and KL (bounds transient memory); 0 = automatic: "
+        "32 MiB of float32 logits per chunk, i.e. 2**23 // vocab_size rows.",
+    )
     replay_ratio: float | None = _f(
         None, "Replay tokens per SFT token in each step (0 = no replay). Default: from method."
     )
@@ -170,7 +174,7 @@ class TrainConfig:
             ("lora_alpha", self.lora_alpha > 0, "> 0"),
             ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
             ("kl_topk", self.kl_topk >= 0, ">= 0"),
-            ("kl_chunk_rows", self.kl_chunk_rows > 0, "> 0"),
+            ("loss_chunk_rows", self.loss_chunk_rows >= 0, ">= 0"),
             ("kl_every", self.kl_every >= 1, ">= 1"),
             ("per_device_train_batch_size", self.per_device_train_batch_size > 0, "> 0"),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps > 0, "> 0"),

@@ -1,19 +1,26 @@
-"""Pure loss functions for ARR: response cross-entropy and a memory-bounded token KL to the reference.
+"""The ARR loss terms, computed from final hidden states in chunks: no ``B x T x V`` logits block ever exists.
 
 Nothing here knows about trainers, files or configs. Shapes: ``B`` rows, ``T`` positions, ``V`` vocabulary,
-``H`` hidden size. Logits at position ``t`` predict the token at ``t + 1``; callers pass already-shifted
-tensors (``logits[:, :-1]`` with ``labels[:, 1:]``).
+``H`` hidden size. ``hidden[:, t]`` predicts ``labels[:, t]``: callers pass already-shifted tensors
+(``hidden[:, :-1]`` with ``labels[:, 1:]``).
 
-The KL never builds the full ``B x T x V`` reference logits. The reference is given as its final hidden
-states plus the output head, and is turned into logits ``chunk_tokens`` rows at a time. The gradient with
-respect to the policy logits is computed chunk by chunk in the forward pass and kept in one float32
-``B x T x V`` buffer (the only extra block of that size), so backward is a multiply. With ``topk > 0`` only
-the reference's top-k tokens plus one "rest" bucket are compared (a lower bound on the exact KL).
+:func:`head_losses` turns the policy's final hidden states into logits ``chunk_rows`` token rows at a time,
+only at the positions that carry a loss (label tokens and KL tokens), and for each chunk computes
+
+* the cross-entropy of the label, with its closed-form gradient ``softmax - onehot``;
+* the KL to the reference (whose logits come from its own final hidden states and output head, the same
+  chunk of rows), with its closed-form gradient, sharing the policy's softmax with the cross-entropy;
+
+then back-propagates the combined logit gradient through the output head for that chunk alone. What is
+kept for the backward pass is one ``B x T x H`` gradient buffer; the transient memory is a few
+``chunk_rows x V`` float32 blocks (see :func:`default_chunk_rows`). This is the "fused linear
+cross-entropy" idea (as in Liger-Kernel) extended to the KL.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -21,17 +28,38 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 KLDirection = Literal["forward", "reverse"]
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+#: float32 logits per chunk in the automatic rule: 2**23 values = 32 MiB per ``chunk_rows x V`` block
+CHUNK_LOGITS = 2**23
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the positions whose label is not ``IGNORE_INDEX`` (0 if there are none).
+def default_chunk_rows(vocab_size: int) -> int:
+    """Token rows per chunk: as many as keep one float32 ``rows x V`` block at 32 MiB (at least 16).
 
-    ``logits``: ``(B, T, V)`` already aligned with ``labels`` ``(B, T)``.
+    SmolLM2 (V = 49,152) gets 170 rows, Qwen2.5 (V = 151,936) 55. A chunk holds about five such blocks at
+    once (policy and reference logits, log-softmaxes, the gradient), so the transient peak is ~160 MiB.
     """
-    mask = labels != IGNORE_INDEX
-    if not mask.any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[mask].float(), labels[mask])
+    return max(16, CHUNK_LOGITS // max(vocab_size, 1))
+
+
+@dataclass
+class KLTerm:
+    """The KL to the reference on some positions of the batch given to :func:`head_losses`."""
+
+    #: ``(B, T, H)`` final hidden states of the reference model (no gradient), aligned with the policy's
+    ref_hidden: torch.Tensor
+    #: the reference's output layer, ``(N, H) -> (N, V)`` logits (called under ``no_grad``)
+    ref_head: Head
+    #: ``(B, T)`` weight of each position's KL in the loss (0 where there is no KL), e.g. kl_coef / n tokens
+    weight: torch.Tensor
+    #: ``"forward"`` = KL(ref || policy), ``"reverse"`` = KL(policy || ref)
+    direction: KLDirection = "reverse"
+    #: 0 for the exact KL; k > 0 compares only the reference's top-k tokens plus a "rest" bucket
+    topk: int = 0
+    #: ``(B, T)`` token ids removed from both distributions (then renormalised) before the KL, e.g. the
+    #: SFT label ("mask the target"); ``IGNORE_INDEX`` where nothing is removed; None: nothing anywhere
+    drop_labels: torch.Tensor | None = None
 
 
 def _drop_target(
@@ -50,7 +78,7 @@ def _kl_rows(
     topk: int,
     target: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Per-row KL for 2-D ``(N, V)`` float32 logits; ``target`` (N,) masks the label token (or None)."""
+    """Per-row KL of 2-D ``(N, V)`` float32 logits, differentiable by autograd (top-k and masked targets)."""
     if target is not None:
         policy_logits, ref_logits, _ = _drop_target(policy_logits, ref_logits, target)
     logp = policy_logits.log_softmax(-1)
@@ -63,137 +91,165 @@ def _kl_rows(
         rest_p = torch.log1p(-logp_k.exp().sum(-1).clamp(max=1 - 1e-6))
         logp = torch.cat([logp_k, rest_p[:, None]], -1)
         logq = torch.cat([logq_k, rest_q[:, None]], -1)
-    if direction == "forward":  # KL(ref || policy)
-        a, b = logq, logp
-    elif direction == "reverse":  # KL(policy || ref)
-        a, b = logp, logq
-    else:
-        raise ValueError(f"kl direction must be 'forward' or 'reverse', got {direction!r}")
+    a, b = (logq, logp) if direction == "forward" else (logp, logq)
     # 0 * log 0 = 0: the masked target contributes nothing. Replace -inf before the arithmetic, so that
     # no NaN is formed even in the branch torch.where discards (its gradient would still be NaN).
     finite = torch.isfinite(a) & torch.isfinite(b)
     a = torch.where(finite, a, torch.zeros_like(a))
     b = torch.where(finite, b, torch.zeros_like(b))
-    terms = torch.where(finite, a.exp() * (a - b), torch.zeros_like(a))
-    return terms.sum(-1)
+    return torch.where(finite, a.exp() * (a - b), torch.zeros_like(a)).sum(-1)
 
 
-def _kl_rows_and_grad(
-    z: torch.Tensor, ref_logits: torch.Tensor, direction: KLDirection, target: torch.Tensor | None = None
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(-1)`` for ``(N, V)`` tensors without an ``N x V`` temporary (in their dtype, not autocast's)."""
+    with torch.autocast(a.device.type, enabled=False):
+        return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
+
+
+def _kl_and_grad_shared(
+    logp: torch.Tensor, p: torch.Tensor, ref_logits: torch.Tensor, direction: KLDirection
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact full-vocabulary KL per row and its gradient w.r.t. the policy logits ``z``, in closed form.
+    """Exact KL per row and its gradient w.r.t. the policy logits, in closed form, from the policy's own
+    ``log_softmax`` and ``softmax`` (left unchanged; ``ref_logits`` is consumed).
 
     forward  KL(q || p): value sum q (log q - log p), gradient p - q.
     reverse  KL(p || q): value sum p (log p - log q), gradient p * (log p - log q - KL).
-    With ``target`` (N,), the label token is removed from both distributions first (its gradient is 0).
     """
-    drop = None
-    if target is not None:
-        z, ref_logits, drop = _drop_target(z, ref_logits, target)
-    logp = z.log_softmax(-1)
     logq = ref_logits.log_softmax(-1)
-    p = logp.exp()
-    if direction not in ("forward", "reverse"):
-        raise ValueError(f"kl direction must be 'forward' or 'reverse', got {direction!r}")
-    d = logp.sub_(logq)  # log p - log q, in place of log p
-    if drop is not None:
-        d.masked_fill_(drop, 0.0)  # -inf - -inf at the dropped label: that token is not part of either
+    del ref_logits
+    if direction == "reverse":
+        d = logq.neg_().add_(logp)  # log p - log q, in the buffer of log q
+        kl = _rowdot(p, d)
+        return kl, d.sub_(kl[:, None]).mul_(p)
     if direction == "forward":
-        q = logq.exp_()
-        kl = -(q * d).sum(-1)
-        return kl, p.sub_(q)
-    kl = (p * d).sum(-1)
-    return kl, d.sub_(kl[:, None]).mul_(p)
+        q = logq.exp()
+        kl = _rowdot(q, logq.sub_(logp))
+        return kl, q.neg_().add_(p)
+    raise ValueError(f"kl direction must be 'forward' or 'reverse', got {direction!r}")
 
 
-class _ChunkedKL(torch.autograd.Function):
-    """Per-token KL with the policy gradient computed in the forward pass, chunk by chunk."""
+def _kl_and_grad_general(
+    z: torch.Tensor, ref_logits: torch.Tensor, kl: KLTerm, target: torch.Tensor | None, needs_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """KL per row and its logit gradient for top-k and masked targets (autograd on one chunk)."""
+    if not needs_grad:
+        return _kl_rows(z, ref_logits, kl.direction, kl.topk, target), None
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        values = _kl_rows(z, ref_logits, kl.direction, kl.topk, target)
+        (grad,) = torch.autograd.grad(values.sum(), z)
+    return values.detach(), grad
+
+
+class _HeadLosses(torch.autograd.Function):
+    """Weighted CE + KL from hidden states; the gradients are computed in the forward pass, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, policy_logits, ref_hidden, ref_head, mask, targets, direction, topk, chunk_rows):  # type: ignore[override]
-        B, T, V = policy_logits.shape
-        needs_grad = policy_logits.requires_grad
-        # the gradient buffer has the logits' dtype (bf16 under autocast, like the CE's own logit gradient)
-        grad = (
-            torch.zeros(B, T, V, dtype=policy_logits.dtype, device=policy_logits.device)
-            if needs_grad
-            else None
-        )
-        out = torch.zeros(B, T, dtype=torch.float32, device=policy_logits.device)
-        step = max(1, chunk_rows // max(B, 1))
-        for s in range(0, T, step):
-            m = mask[:, s : s + step]
-            if not m.any():
+    def forward(ctx, hidden, labels, ce_weight, kl, head, chunk_rows, needs_grad, *head_params):  # type: ignore[override]
+        B, T, H = hidden.shape
+        flat_hidden = hidden.detach().reshape(B * T, H)
+        flat_labels = labels.reshape(-1)
+        flat_ce_w = ce_weight.reshape(-1).float() * (flat_labels != IGNORE_INDEX)
+        flat_kl_w = kl.weight.reshape(-1).float() if kl is not None else torch.zeros_like(flat_ce_w)
+        positions = ((flat_labels != IGNORE_INDEX) | (flat_kl_w != 0)).nonzero().view(-1)
+        ce_tok = torch.zeros(B * T, dtype=torch.float32, device=hidden.device)
+        kl_tok = torch.zeros_like(ce_tok)
+        grad_hidden = torch.zeros_like(flat_hidden) if needs_grad else None
+        grad_params = [torch.zeros_like(p) for p in head_params] if needs_grad else []
+        ref_flat = kl.ref_hidden.reshape(B * T, -1) if kl is not None else None
+        drop_flat = kl.drop_labels.reshape(-1) if kl is not None and kl.drop_labels is not None else None
+        for start in range(0, len(positions), chunk_rows):
+            pos = positions[start : start + chunk_rows]
+            lab, ce_w, kl_w = flat_labels[pos], flat_ce_w[pos], flat_kl_w[pos]
+            with torch.set_grad_enabled(needs_grad):
+                h = flat_hidden[pos].requires_grad_(needs_grad)
+                z = head(h)
+            zf = z.detach().float()
+            logp = zf.log_softmax(-1)
+            has_label = lab != IGNORE_INDEX
+            ce = -logp.gather(1, lab.clamp_min(0)[:, None]).view(-1) * has_label
+            ce_tok[pos] = ce
+            p = logp.exp()
+            grad = None
+            if kl is not None and bool((kl_w != 0).any()):
+                with torch.no_grad():
+                    q = kl.ref_head(ref_flat[pos]).float()
+                if kl.topk == 0 and drop_flat is None:
+                    values, grad = _kl_and_grad_shared(logp, p, q, kl.direction)
+                else:
+                    target = drop_flat[pos] if drop_flat is not None else None
+                    values, grad = _kl_and_grad_general(zf, q, kl, target, needs_grad)
+                del q
+                kl_tok[pos] = values * (kl_w != 0)
+                if grad is not None:
+                    grad.mul_(kl_w[:, None])
+            del logp
+            if not needs_grad:
                 continue
-            with torch.no_grad():
-                q = ref_head(ref_hidden[:, s : s + step][m]).float()
-            z = policy_logits[:, s : s + step][m].detach().float()
-            tgt = targets[:, s : s + step][m] if targets is not None else None
-            if needs_grad and topk == 0:
-                kl, g = _kl_rows_and_grad(z, q, direction, tgt)
-            elif needs_grad:  # top-k: let autograd derive the gradient, chunk by chunk
-                with torch.enable_grad():
-                    z.requires_grad_(True)
-                    kl = _kl_rows(z, q, direction, topk, tgt)
-                    (g,) = torch.autograd.grad(kl.sum(), z)
-            else:
-                kl, g = _kl_rows(z, q, direction, topk, tgt), None
-            if g is not None:
-                grad[:, s : s + step][m] = g.to(grad.dtype)
-            out[:, s : s + step][m] = kl.detach()
-        ctx.grad = grad  # not save_for_backward: backward scales it in place (no second B x T x V block)
-        return out
+            # the CE's logit gradient, weighted: ce_w * (softmax - onehot(label))
+            grad = grad.addcmul_(p, ce_w[:, None]) if grad is not None else p.mul_(ce_w[:, None])
+            grad.scatter_add_(1, lab.clamp_min(0)[:, None], -ce_w[:, None])
+            del p
+            grads = torch.autograd.grad(z, [h, *head_params], grad.to(z.dtype))
+            grad_hidden[pos] = grads[0].to(grad_hidden.dtype)
+            for total, g in zip(grad_params, grads[1:]):
+                total.add_(g)
+        loss = (ce_tok * flat_ce_w).sum() + (kl_tok * flat_kl_w).sum()
+        ctx.grads = (grad_hidden.view(B, T, H) if needs_grad else None, grad_params)
+        ce_tok, kl_tok = ce_tok.view(B, T), kl_tok.view(B, T)
+        ctx.mark_non_differentiable(ce_tok, kl_tok)
+        return loss, ce_tok, kl_tok
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        grad, ctx.grad = ctx.grad, None  # single use: a second backward through this graph is not supported
-        return grad.mul_(grad_out[..., None].to(grad.dtype)), None, None, None, None, None, None, None
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl):  # type: ignore[override]
+        grad_hidden, grad_params = ctx.grads
+        ctx.grads = None  # single use: a second backward through this graph is not supported
+        if grad_hidden is None:
+            raise RuntimeError("head_losses was called without gradient tracking")
+        scale = grad_loss.to(grad_hidden.dtype)
+        return (
+            grad_hidden.mul_(scale), None, None, None, None, None, None,
+            *(g.mul_(grad_loss.to(g.dtype)) for g in grad_params),
+        )  # fmt: skip
 
 
-def token_kl(
-    policy_logits: torch.Tensor,
-    ref_hidden: torch.Tensor,
-    ref_head: Callable[[torch.Tensor], torch.Tensor],
-    mask: torch.Tensor,
-    direction: KLDirection = "reverse",
-    topk: int = 0,
-    targets: torch.Tensor | None = None,
-    chunk_rows: int = 1024,
-) -> torch.Tensor:
-    """Per-token KL between the policy and the reference, ``(B, T)`` float32, zero where ``mask`` is False.
+def head_losses(
+    hidden: torch.Tensor,
+    head: Head,
+    labels: torch.Tensor,
+    ce_weight: torch.Tensor | float,
+    kl: KLTerm | None = None,
+    head_params: Sequence[torch.Tensor] = (),
+    chunk_rows: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weighted token losses of one batch, from the policy's final hidden states.
+
+    Returns ``(loss, ce, kl)``: ``loss = sum(ce_weight * ce) + sum(kl.weight * kl)``, a float32 scalar that
+    back-propagates into ``hidden`` and ``head_params``; ``ce`` and ``kl`` are the per-token values ``(B, T)``
+    (0 where absent), without gradient, for logging.
 
     Args:
-        policy_logits: ``(B, T, V)`` policy logits (gradient flows into them).
-        ref_hidden: ``(B, T, H)`` final hidden states of the reference model (no gradient).
-        ref_head: maps hidden states ``(N, H)`` to reference logits ``(N, V)`` (the frozen output layer).
-        mask: ``(B, T)`` bool, positions that carry the KL.
-        direction: ``"forward"`` = KL(ref || policy), ``"reverse"`` = KL(policy || ref).
-        topk: 0 for the exact KL; k > 0 compares only the reference's top-k tokens plus a rest bucket.
-        targets: ``(B, T)`` label ids; when given, the label token is removed from both distributions and
-            the rest renormalised before the KL ("mask the target"); ``IGNORE_INDEX`` rows are left as is.
-        chunk_rows: token rows turned into reference logits at once; the transient memory is about
-            ``chunk_rows x V x 4`` bytes times a few intermediates.
+        hidden: ``(B, T, H)`` policy final hidden states (after the last norm).
+        head: the policy's output layer, ``(N, H) -> (N, V)`` logits (with any logit soft-capping).
+        labels: ``(B, T)`` target ids; ``IGNORE_INDEX`` where there is no cross-entropy.
+        ce_weight: weight of each label token's cross-entropy, a float or a ``(B, T)`` tensor.
+        kl: the KL to the reference, or None.
+        head_params: trainable parameters inside ``head`` (empty for the usual frozen output layer).
+        chunk_rows: token rows per chunk; 0 picks :func:`default_chunk_rows`.
     """
-    return _ChunkedKL.apply(policy_logits, ref_hidden, ref_head, mask, targets, direction, topk, chunk_rows)
+    if not torch.is_tensor(ce_weight):
+        ce_weight = torch.full(labels.shape, float(ce_weight), device=labels.device)
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or any(p.requires_grad for p in head_params)
+    )
+    if chunk_rows <= 0:
+        chunk_rows = default_chunk_rows(_vocab_size(head, hidden))
+    return _HeadLosses.apply(hidden, labels, ce_weight, kl, head, chunk_rows, needs_grad, *head_params)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` over ``mask`` (0 when the mask is empty)."""
-    n = mask.sum()
-    return (values * mask).sum() / n.clamp_min(1)
-
-
-def arr_loss(
-    sft_loss: torch.Tensor,
-    replay_loss: torch.Tensor | None,
-    kl: torch.Tensor | None,
-    replay_weight: float,
-    kl_coef: float,
-) -> torch.Tensor:
-    """The ARR objective: ``CE(SFT) + replay_weight * CE(replay) + kl_coef * KL``; absent terms count 0."""
-    loss = sft_loss
-    if replay_loss is not None and replay_weight:
-        loss = loss + replay_weight * replay_loss
-    if kl is not None and kl_coef:
-        loss = loss + kl_coef * kl
-    return loss
+def _vocab_size(head: Head, hidden: torch.Tensor) -> int:
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.shape[0]
+    with torch.no_grad():
+        return head(hidden.reshape(-1, hidden.shape[-1])[:1]).shape[-1]

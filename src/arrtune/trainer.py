@@ -4,34 +4,42 @@ The training loop, optimizer, schedule, gradient accumulation, mixed precision, 
 checkpointing are the Trainer's. This class only:
 
 * draws a replay batch sized by ``replay_ratio`` x the SFT tokens of the micro-batch, packed to the SFT
-  batch's width, and runs policy SFT + replay in **one** forward (one DDP forward per micro-batch);
+  batch's width, and runs the SFT rows and the replay rows as **two forward/backward passes** (the first
+  under ``no_sync``, so DDP still reduces gradients once per micro-batch): activations of only one of them
+  are alive at a time, so replay does not raise peak memory;
 * runs the reference (the same network with the LoRA adapter disabled, no gradient) on the rows that carry
   the KL, keeping only its final hidden states;
-* combines the three terms with :func:`arrtune.losses.arr_loss` and logs each one (averaged over ranks);
+* computes CE and KL from the final hidden states in chunks (:func:`arrtune.losses.head_losses`), so no
+  ``B x T x V`` logits block is built, and logs each term (averaged over ranks);
 * stops at the first non-finite loss, on every rank, and never checkpoints the diverged model;
 * saves the replay stream position of every rank with each checkpoint, and writes checkpoints atomically.
+
+The objective per micro-batch: ``mean CE(SFT label tokens) + replay_weight * mean CE(replay tokens)
++ kl_coef * mean KL(KL tokens)``, the means over all tokens of the micro-batch whatever pass they are in.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 import shutil
 import time
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from arrtune.data.replay import ReplayStream
 from arrtune.errors import ArrtuneError
-from arrtune.losses import IGNORE_INDEX, arr_loss, masked_mean, token_cross_entropy, token_kl
+from arrtune.losses import IGNORE_INDEX, KLTerm, default_chunk_rows, head_losses
 
 REPLAY_STATE = "replay_state_rank{rank}.json"
 #: the logged loss terms, in the order they are reduced across ranks
@@ -47,10 +55,11 @@ class ARRSettings:
     kl_on: str = "both"
     kl_mask_target: bool = False
     kl_topk: int = 0
-    kl_chunk_rows: int = 1024
     kl_every: int = 1
     replay_ratio: float = 0.0
     replay_weight: float = 1.0
+    #: token rows per chunk of the output layer and losses; 0 = automatic (see ``losses.default_chunk_rows``)
+    loss_chunk_rows: int = 0
 
 
 @contextmanager
@@ -68,6 +77,33 @@ def _base_model(peft_model: Any) -> Any:
     return peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
 
 
+def output_head(peft_model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's output layer as a function ``hidden -> logits``, with final logit soft-capping (Gemma).
+
+    A frozen plain ``nn.Linear`` head is cast to the autocast dtype once per function, not once per chunk
+    (autocast re-casts frozen weights on every call).
+    """
+    base = _base_model(peft_model)
+    head = base.get_output_embeddings()
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    cap = getattr(config, "final_logit_softcapping", None)
+    plain = type(head) is torch.nn.Linear and not head.weight.requires_grad
+    cast: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def apply(hidden: torch.Tensor) -> torch.Tensor:
+        device = hidden.device.type
+        if plain and torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            if dtype not in cast:
+                cast[dtype] = (head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype))
+            logits = torch.nn.functional.linear(hidden.to(dtype), *cast[dtype])
+        else:
+            logits = head(hidden)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    return apply
+
+
 def reference_hidden(peft_model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Final hidden states of the initial model (adapter disabled, no gradient): ``(B, T, H)``."""
     with torch.no_grad(), adapter_disabled(peft_model):
@@ -78,15 +114,31 @@ def reference_hidden(peft_model: Any, input_ids: torch.Tensor, attention_mask: t
         )
 
 
-def reference_head(peft_model: Any):
-    """The initial model's output layer as a function ``hidden -> logits``."""
-    head = _base_model(peft_model).get_output_embeddings()
+def reference_head(
+    peft_model: Any, head: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The initial model's output layer as a function ``hidden -> logits`` (``head``: the policy's
+    :func:`output_head`, to share its cast weight; run here with the adapter disabled)."""
+    head = head or output_head(peft_model)
 
     def apply(hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), adapter_disabled(peft_model):
             return head(hidden)
 
     return apply
+
+
+@dataclass
+class _Part:
+    """SFT or replay rows of one micro-batch, with the weights of their loss terms."""
+
+    name: str
+    ids: torch.Tensor
+    labels: torch.Tensor
+    attention: torch.Tensor
+    ce_scale: float  # weight of each label token's CE: 1 / n for SFT, replay_weight / n for replay
+    kl_scale: float  # weight of each label token's KL: kl_coef / n KL tokens (0: no KL on these rows)
+    drop_labels: bool  # kl_mask_target on these rows
 
 
 class ARRTrainer(Trainer):
@@ -101,6 +153,11 @@ class ARRTrainer(Trainer):
         if arr.replay_ratio > 0 and replay is None:
             raise ValueError("replay_ratio > 0 needs a replay stream")
         self.model_accepts_loss_kwargs = False  # our loss is a per-micro-batch mean; Trainer scales for GA
+        #: SFT and replay rows in one forward/backward instead of two (DeepSpeed steps inside backward)
+        self.joint_passes = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        base = _base_model(self.accelerator.unwrap_model(self.model))
+        self._keep_one_logit = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self._head_checked = False
         self._terms: dict[str, float] = {}
         self._term_counts: dict[str, int] = {}
         self._sft_tokens = 0
@@ -110,56 +167,152 @@ class ARRTrainer(Trainer):
         self.nonfinite_step: int | None = None
 
     # -- the loss ------------------------------------------------------------------------------------
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+    def _parts(self, inputs: dict[str, torch.Tensor]) -> list[_Part]:
+        """The SFT rows and (if replay is on) a replay batch of the same width, with their loss weights."""
         arr = self.arr
-        sft_ids, sft_labels, sft_mask = inputs["input_ids"], inputs["labels"], inputs["attention_mask"]
-        n_sft_rows, width = sft_ids.shape
-        n_sft_tokens = int(sft_mask.sum())
-        ids, labels, attention = sft_ids, sft_labels, sft_mask
+        ids, labels, attention = inputs["input_ids"], inputs["labels"], inputs["attention_mask"]
+        n_sft_tokens = int(attention.sum())
+        self._sft_tokens += n_sft_tokens
+        parts = [_Part("sft", ids, labels, attention, 0.0, 0.0, arr.kl_mask_target)]
         if arr.replay_ratio > 0 and self.replay is not None:
             n_replay = max(1, round(arr.replay_ratio * n_sft_tokens))
-            rb = self.replay.batch(n_replay, width, self.processing_class.pad_token_id)
-            ids = torch.cat([ids, rb["input_ids"].to(ids.device)])
-            labels = torch.cat([labels, rb["labels"].to(ids.device)])
-            attention = torch.cat([attention, rb["attention_mask"].to(ids.device)])
-
-        outputs = model(input_ids=ids, attention_mask=attention, use_cache=False)
-        logits = outputs.logits[:, :-1]
-        targets = labels[:, 1:]
-        sft_loss = token_cross_entropy(logits[:n_sft_rows], targets[:n_sft_rows])
-        replay_loss = (
-            token_cross_entropy(logits[n_sft_rows:], targets[n_sft_rows:]) if len(ids) > n_sft_rows else None
-        )
-
-        kl = None
+            rb = self.replay.batch(n_replay, ids.shape[1], self.processing_class.pad_token_id)
+            rb = {k: v.to(ids.device) for k, v in rb.items()}
+            parts.append(
+                _Part("replay", rb["input_ids"], rb["labels"], rb["attention_mask"], 0.0, 0.0, False)
+            )
         # kl_every = n: the KL on one optimizer step in n, weighted n x (same expected penalty, 1/n the cost)
         kl_coef = arr.kl_coef * arr.kl_every if self.state.global_step % arr.kl_every == 0 else 0.0
-        if kl_coef > 0:
-            rows = {"sft": slice(0, n_sft_rows), "replay": slice(n_sft_rows, None), "both": slice(None)}[
-                arr.kl_on
-            ]
-            kl_mask = targets[rows] != IGNORE_INDEX
-            if kl_mask.any():
-                peft_model = self.accelerator.unwrap_model(model)
-                hidden = reference_hidden(peft_model, ids[rows], attention[rows])[:, :-1]
-                mask_targets = None
-                if arr.kl_mask_target:  # only SFT rows drop their target; they come first among the KL rows
-                    mask_targets = targets[rows].clone()
-                    mask_targets[0 if arr.kl_on == "replay" else n_sft_rows :] = IGNORE_INDEX
-                kl_tok = token_kl(
-                    logits[rows], hidden, reference_head(peft_model), kl_mask,
-                    direction=arr.kl_direction, topk=arr.kl_topk, targets=mask_targets, chunk_rows=arr.kl_chunk_rows,
-                )  # fmt: skip
-                kl = masked_mean(kl_tok, kl_mask)
+        kl_parts = [p for p in parts if arr.kl_on in (p.name, "both")] if kl_coef > 0 else []
+        n_kl = sum(_n_targets(p.labels) for p in kl_parts)
+        for part in parts:
+            n = _n_targets(part.labels)
+            part.ce_scale = (1.0 if part.name == "sft" else arr.replay_weight) / max(n, 1)
+            part.kl_scale = kl_coef / n_kl if part in kl_parts and n_kl > 0 else 0.0
+        return parts
 
-        loss = arr_loss(sft_loss, replay_loss, kl, arr.replay_weight, kl_coef)
-        self._record(sft_loss=sft_loss, replay_loss=replay_loss, kl=kl)
-        self._sft_tokens += n_sft_tokens
-        return (loss, outputs) if return_outputs else loss
+    def _policy_hidden(self, model: Any, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``(B, T, H)`` of the policy, through the (DDP-)wrapped model's own forward.
+
+        The decoder's output is captured by a hook; the model computes logits for the last position only.
+        On the first call those logits are compared with the output head applied here, so an architecture
+        that transforms its logits in a way :func:`output_head` does not know fails loudly.
+        """
+        decoder = _base_model(self.accelerator.unwrap_model(model)).get_decoder()
+        captured: list[torch.Tensor] = []
+
+        def keep(_module: Any, _args: Any, output: Any) -> None:
+            captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+        handle = decoder.register_forward_hook(keep)
+        try:
+            extra = {"logits_to_keep": 1} if self._keep_one_logit else {}
+            outputs = model(input_ids=ids, attention_mask=attention, use_cache=False, **extra)
+        finally:
+            handle.remove()
+        hidden = captured[-1]
+        if not self._head_checked:
+            with torch.no_grad():
+                ours = output_head(self.accelerator.unwrap_model(model))(hidden[:, -1].detach()).float()
+                theirs = outputs.logits[:, -1].detach().float()
+            if not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3 * float(theirs.abs().max()) + 1e-5):
+                raise ArrtuneError(
+                    f"{type(_base_model(model)).__name__}: its logits are not output_layer(final hidden "
+                    "states) (max diff "
+                    f"{float((ours - theirs).abs().max()):.3g}); arrtune does not support this architecture yet"
+                )
+            self._head_checked = True
+        return hidden
+
+    def _pass_loss(self, model: Any, parts: list[_Part]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One forward over the rows of ``parts``: the weighted loss, and each part's CE and KL sums."""
+        arr = self.arr
+        ids = torch.cat([p.ids for p in parts])
+        attention = torch.cat([p.attention for p in parts])
+        targets = torch.cat([p.labels for p in parts])[:, 1:]
+        has_target = targets != IGNORE_INDEX
+        rows = torch.cat([torch.full((len(p.ids),), i, device=ids.device) for i, p in enumerate(parts)])
+
+        def per_row(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=ids.device)[rows][:, None] * has_target
+
+        peft_model = self.accelerator.unwrap_model(model)
+        head = output_head(peft_model)
+        kl = None
+        kl_weight = per_row([p.kl_scale for p in parts])
+        if bool((kl_weight != 0).any()):
+            kl_rows = (kl_weight != 0).any(1).nonzero().view(-1)
+            ref = reference_hidden(peft_model, ids[kl_rows], attention[kl_rows])
+            ref_hidden = ref.new_zeros(*ids.shape, ref.shape[-1])
+            ref_hidden[kl_rows] = ref
+            drop = torch.where(per_row([float(p.drop_labels) for p in parts]) != 0, targets, IGNORE_INDEX)
+            kl = KLTerm(
+                ref_hidden[:, :-1], reference_head(peft_model, head), kl_weight, arr.kl_direction, arr.kl_topk,
+                drop if bool((drop != IGNORE_INDEX).any()) else None,
+            )  # fmt: skip
+        hidden = self._policy_hidden(model, ids, attention)
+        out_layer = _base_model(peft_model).get_output_embeddings()
+        head_params = [p for p in out_layer.parameters() if p.requires_grad]
+        chunk_rows = arr.loss_chunk_rows or default_chunk_rows(out_layer.weight.shape[0])
+        loss, ce_tok, kl_tok = head_losses(
+            hidden[:, :-1], head, targets, per_row([p.ce_scale for p in parts]), kl, head_params, chunk_rows
+        )
+        sums = {}
+        for i, part in enumerate(parts):
+            sums[f"{part.name}_ce"] = ce_tok[rows == i].sum()
+            sums[f"{part.name}_kl"] = kl_tok[rows == i].sum()
+        return loss, sums
+
+    def _passes(self, parts: list[_Part]) -> list[list[_Part]]:
+        return [parts] if self.joint_passes else [[p] for p in parts]
+
+    def _record_parts(self, parts: list[_Part], sums: dict[str, torch.Tensor]) -> None:
+        counts = {p.name: _n_targets(p.labels) for p in parts}
+        terms: dict[str, torch.Tensor | None] = {"sft_loss": sums["sft_ce"] / max(counts["sft"], 1)}
+        if "replay" in counts:
+            terms["replay_loss"] = sums["replay_ce"] / max(counts["replay"], 1)
+        kl_parts = [p for p in parts if p.kl_scale > 0]
+        if kl_parts:
+            n_kl = sum(counts[p.name] for p in kl_parts)
+            terms["kl"] = sum(sums[f"{p.name}_kl"] for p in kl_parts) / max(n_kl, 1)
+        self._record(**terms)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+        """The ARR loss of one micro-batch (all passes summed, for evaluation and tests; training uses
+        :meth:`training_step`, which back-propagates each pass before running the next)."""
+        parts = self._parts(inputs)
+        total, sums = None, {}
+        for group in self._passes(parts):
+            with self.accelerator.autocast():  # also the reference and the output layer, not only forward()
+                loss, part_sums = self._pass_loss(model, group)
+            total = loss if total is None else total + loss
+            sums.update(part_sums)
+        self._record_parts(parts, sums)
+        return (total, None) if return_outputs else total
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[override]
-        """One micro-batch; a NaN/inf loss on any rank stops training on every rank before the next save."""
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        """One micro-batch, one forward/backward per pass; a NaN/inf loss on any rank stops training on
+        every rank before the next save."""
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        parts = self._parts(inputs)
+        passes = self._passes(parts)
+        scale = 1.0 / getattr(
+            self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
+        )
+        total, sums = torch.zeros((), device=self.args.device), {}
+        for i, group in enumerate(passes):
+            # gradients are reduced across ranks once, in the backward of the last pass
+            sync = nullcontext() if i == len(passes) - 1 else self.accelerator.no_sync(model)
+            with sync:
+                # autocast covers the reference and the output layer too, not only model.forward
+                with self.compute_loss_context_manager(), self.accelerator.autocast():
+                    loss, part_sums = self._pass_loss(model, group)
+                self.accelerator.backward(loss * scale)
+            total = total + loss.detach()
+            sums.update(part_sums)
+        self._record_parts(parts, sums)
+        loss = total * scale
         bad = torch.tensor([0.0 if bool(torch.isfinite(loss).all()) else 1.0], device=loss.device)
         if self.args.world_size > 1:
             bad = self.accelerator.reduce(bad, reduction="sum")
@@ -259,6 +412,11 @@ class ARRTrainer(Trainer):
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ArrtuneError(f"{path}: unreadable replay position ({exc})") from exc
         self.replay.load_state_dict(state)
+
+
+def _n_targets(labels: torch.Tensor) -> int:
+    """Label tokens of a batch, after the one-position shift (each is predicted by the position before)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 class MetricsJsonl(TrainerCallback):
