@@ -75,7 +75,7 @@ def expand_runs(grid: GridConfig) -> list[RunSpec]:
                 _check_key(key, f"grid: runs[{i}]")
             values = {k: _coerce(k, v, f"grid: runs[{i}]") for k, v in values.items()}
             # default name: the method, then every other setting this entry gives (fixed ones, then swept ones)
-            own = {**{k: v for k, v in fixed.items() if k != "method"}, **dict(zip(swept, combo))}
+            own = {k: v for k, v in {**fixed, **dict(zip(swept, combo))}.items() if k != "method"}
             parts = [f"{k}={_fmt_value(v)}" for k, v in own.items()]
             if name:
                 swept_parts = [f"{k}={_fmt_value(v)}" for k, v in zip(swept, combo)]
