@@ -5,13 +5,18 @@ For each model and method (sft, kl, replay, arr, and ``arr-copy``: ARR with the 
 transformers step, ``model(**batch).loss`` with full logits, for context) a fresh worker process builds the
 LoRA model, runs warm-up steps, then times ``--steps`` optimizer steps of arrtune's real training code
 (``ARRTrainer.training_step``: both passes with their backward, under the Trainer's own autocast; then the
-AdamW step) and reports the median step time, SFT tokens/s and peak memory (RSS on CPU,
-``torch.cuda.max_memory_allocated`` on GPU), each also as a ratio to ``sft``.
+AdamW step) and reports the median step time and SFT tokens/s, each also as a ratio to ``sft``.
 
-It also prints the **floor** of each time ratio from a FLOP count: a LoRA step costs about one forward for
-the activations plus one backward (~2 forwards, no weight gradients for frozen weights); the KL reference
-adds one no-grad forward over the rows it covers; replay adds ``replay_ratio`` x the SFT tokens, each at the
-full step cost. And it prints the achieved fraction of this machine's measured matmul rate (MFU).
+Peak memory: on GPU ``torch.cuda.max_memory_allocated``. On CPU the peak RSS twice: of the timed run
+(default glibc malloc, which keeps freed blocks and so overstates what a step needs) and of a second,
+untimed one-step run with ``MALLOC_MMAP_THRESHOLD_=65536``, where every block over 64 KiB goes back to the
+OS when freed, so the peak RSS tracks live memory ("peak live", the CPU analogue of the CUDA number).
+
+Time floors: the **FLOP floor** is the ratio of matmul FLOPs actually required (see ``step_flops``: policy
+forward + activation backward over every position, the output layer only where a loss needs it, the
+reference's no-grad forward over the KL rows); the **simple floor** is the rule of thumb (a LoRA step ~ 2
+forwards per token, the reference +1 per KL token, replay doubles the tokens). MFU is the FLOP count over the
+step time, against this machine's measured matmul rate.
 
     python benchmarks/overhead.py                       # both models, fp32 and bf16 on CPU
     python benchmarks/overhead.py --models smollm2 --precisions bf16 --steps 3
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -99,7 +105,7 @@ def worker(args: argparse.Namespace) -> None:
         trainer_module.reference_hidden = lambda _m, ids, mask: copy_ref.get_decoder()(
             input_ids=ids, attention_mask=mask
         ).last_hidden_state.detach()
-        trainer_module.reference_head = lambda _m: lambda h: copy_ref.get_output_embeddings()(h).detach()
+        trainer_module.reference_head = lambda _m, _head=None: lambda h: copy_ref.get_output_embeddings()(h)
 
     kl, ratio = {"sft-hf": (0, 0), "sft": (0, 0), "kl": (0.1, 0), "replay": (0, 1), "arr": (0.1, 1),
                  "arr-copy": (0.1, 1)}[args.method]  # fmt: skip
@@ -156,19 +162,54 @@ def worker(args: argparse.Namespace) -> None:
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
     body, head = matmul_flops(model.get_base_model())
+    # positions the matmuls run on: every position of a row through the body; the output layer only where a
+    # loss needs it (label tokens; all positions for sft-hf, which computes full logits)
+    sft_pos, sft_labels = batch["input_ids"].numel(), int((batch["labels"][:, 1:] != -100).sum())
+    rep_pos = rep_labels = 0
+    if ratio:
+        rb = ReplayStream("builtin", tokenizer).batch(
+            max(1, round(ratio * sft_tokens)), batch["input_ids"].shape[1], tokenizer.pad_token_id
+        )
+        rep_pos, rep_labels = rb["input_ids"].numel(), int((rb["labels"][:, 1:] != -100).sum())
     print(json.dumps({
         "model": args.model, "method": args.method, "precision": args.precision, "device": device,
         "step_s": statistics.median(times), "times": times, "sft_tokens": sft_tokens,
         "peak_bytes": peak, "setup_bytes": rss_setup if device == "cpu" else 0, "body_params": body,
-        "head_params": head, "replay_ratio": ratio, "kl": kl > 0,
+        "head_params": head, "replay_ratio": ratio, "kl": kl > 0, "sft_positions": sft_pos,
+        "sft_head_positions": sft_pos if args.method == "sft-hf" else sft_labels,
+        "replay_positions": rep_pos, "replay_head_positions": rep_labels,
     }))  # fmt: skip
 
 
-def floor_ratio(method: str) -> float:
-    """Time ratio to sft from the FLOP count (KL on all rows, replay_ratio 1): step = 2 forwards/token."""
-    ratio = 1.0 if method in ("replay", "arr", "arr-copy") else 0.0  # sft-hf: 1.0, same FLOPs as sft
+def step_flops(r: dict) -> float:
+    """Matmul FLOPs of one step: policy forward + activation backward (2 + 2 FLOPs per parameter and
+    position) over the SFT and replay rows, the output layer only where used, and the reference's no-grad
+    forward (2 per parameter and position) over the rows that carry the KL (kl_on: both)."""
+    body, head = r["body_params"], r["head_params"]
+    positions = r["sft_positions"] + r["replay_positions"]
+    head_positions = r["sft_head_positions"] + r["replay_head_positions"]
+    flops = 4 * body * positions + 4 * head * head_positions
+    if r["kl"]:
+        flops += 2 * body * positions + 2 * head * head_positions
+    return flops
+
+
+def simple_floor(method: str) -> float:
+    """The issue's rule of thumb (KL on all rows, replay_ratio 1): a step = 2 forwards per token; the
+    reference adds 1 forward per KL token; replay doubles the tokens."""
+    ratio = 1.0 if method in ("replay", "arr", "arr-copy") else 0.0
     kl = method in ("kl", "arr", "arr-copy")
     return ((1 + ratio) * 2 + (1 + ratio) * kl) / 2
+
+
+def run_worker(cmd: list[str], env: dict[str, str] | None = None) -> dict | None:
+    """Run one measurement in a fresh process; its JSON line, or None (with its stderr printed) on failure."""
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    line = [x for x in out.stdout.splitlines() if x.startswith("{")]
+    if out.returncode != 0 or not line:
+        print(out.stderr[-2000:])
+        return None
+    return json.loads(line[-1])
 
 
 def main() -> None:
@@ -204,18 +245,27 @@ def main() -> None:
         for precision in args.precisions:
             for method in args.methods:
                 cmd = [sys.executable, __file__, "--worker", "--model", model, "--method", method, "--precision", precision,
-                       "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
-                       "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                line = [x for x in out.stdout.splitlines() if x.startswith("{")]
-                if out.returncode != 0 or not line:
-                    print(f"{model} {precision} {method}: FAILED\n{out.stderr[-2000:]}")
+                       "--max-length", str(args.max_length), "--batch-size", str(args.batch_size)]  # fmt: skip
+                r = run_worker(cmd + ["--steps", str(args.steps), "--warmup", str(args.warmup)])
+                if r is None:
+                    print(f"{model} {precision} {method}: FAILED")
                     continue
-                results.append(json.loads(line[-1]))
-                r = results[-1]
+                if r["device"] == "cpu":
+                    # glibc keeps freed blocks (and grows its heap rather than reuse them), so the default RSS
+                    # overstates what a step needs. A second run with every allocation over 64 KiB mmapped
+                    # (returned to the OS on free) makes the peak RSS track live memory, the CPU analogue of
+                    # torch.cuda.max_memory_allocated; it is slow, so it is not timed.
+                    live = run_worker(
+                        cmd + ["--steps", "1", "--warmup", "0"], {"MALLOC_MMAP_THRESHOLD_": "65536"}
+                    )
+                    r["live_peak_bytes"] = live["peak_bytes"] if live else float("nan")
+                else:
+                    r["live_peak_bytes"] = r["peak_bytes"]
+                results.append(r)
                 print(f"  measured {model} {precision} {method}: {r['step_s']:.2f} s/step", flush=True)
 
-    header = "| model | precision | method | s/step | × sft | floor × sft | measured ÷ floor | SFT tok/s | peak GB | × sft | MFU |"
+    header = ("| model | precision | method | s/step | × sft | FLOP floor | ÷ floor | simple floor | SFT tok/s "
+              "| peak live GB | × sft | peak RSS GB | × sft | MFU |")  # fmt: skip
     print("\n" + header + "\n|" + "---|" * (header.count("|") - 1))
     for r in results:
         sft = next(
@@ -226,17 +276,16 @@ def main() -> None:
             ),
             None,
         )
-        ratio = r["step_s"] / sft["step_s"] if sft else float("nan")
-        floor = floor_ratio(r["method"])
-        mem_ratio = r["peak_bytes"] / sft["peak_bytes"] if sft else float("nan")
-        tokens = r["sft_tokens"] * (1 + r["replay_ratio"])
-        flops = 2 * (r["body_params"] + r["head_params"]) * tokens * 2 + (
-            2 * (r["body_params"] + r["head_params"]) * tokens if r["kl"] else 0
-        )
-        mfu = flops / r["step_s"] / rates[r["precision"]]
+        nan = float("nan")
+        ratio = r["step_s"] / sft["step_s"] if sft else nan
+        floor = step_flops(r) / step_flops(sft) if sft else nan
+        live = r["live_peak_bytes"] / sft["live_peak_bytes"] if sft else nan
+        rss = r["peak_bytes"] / sft["peak_bytes"] if sft else nan
+        mfu = step_flops(r) / r["step_s"] / rates[r["precision"]]
         print(f"| {r['model']} | {r['precision']} | {r['method']} | {r['step_s']:.2f} | {ratio:.2f} | {floor:.2f} | "
-              f"{ratio / floor:.2f} | {r['sft_tokens'] / r['step_s']:.0f} | {r['peak_bytes'] / 2**30:.2f} | "
-              f"{mem_ratio:.2f} | {100 * mfu:.0f}% |")  # fmt: skip
+              f"{ratio / floor:.2f} | {simple_floor(r['method']):.2f} | {r['sft_tokens'] / r['step_s']:.0f} | "
+              f"{r['live_peak_bytes'] / 2**30:.2f} | {live:.2f} | {r['peak_bytes'] / 2**30:.2f} | {rss:.2f} | "
+              f"{100 * mfu:.0f}% |")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -55,7 +55,9 @@ def test_sweeps_expand_with_distinct_names(tmp_path: Path) -> None:
     assert "arr-kl_coef=0.3-kl_on=sft" in names
     fixed = load_grid(write_grid(tmp_path, tmp_path, [{"method": "arr"}, {"method": "arr", "kl_every": 4}]))
     assert [s.name for s in expand_runs(fixed)] == ["arr", "arr-kl_every=4"]
-    swept_method = load_grid(write_grid(tmp_path, tmp_path, [{"method": ["sft", "arr"], "precision": "fp32"}]))
+    swept_method = load_grid(
+        write_grid(tmp_path, tmp_path, [{"method": ["sft", "arr"], "precision": "fp32"}])
+    )
     assert [s.name for s in expand_runs(swept_method)] == ["sft-precision=fp32", "arr-precision=fp32"]
     bad = load_grid(write_grid(tmp_path, tmp_path, [{"method": "arr", "kl_cof": 0.1}]))
     with pytest.raises(ArrtuneError, match="did you mean 'kl_coef'"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -177,7 +178,12 @@ def plain_arr_loss(peft_model, base, sft, replay, settings: ARRSettings) -> torc
     p, q = logp.exp(), logq.exp()
     diff = torch.where(p > 0, logp - logq, torch.zeros_like(logp))
     kl_tok = (p * diff).sum(-1) if settings.kl_direction == "reverse" else (q * -diff).sum(-1)
-    rows = {"sft": slice(0, n_sft), "replay": slice(n_sft, None), "both": slice(None)}[settings.kl_on]
+    n_rows = {"sft": n_sft, "replay": len(ids) - n_sft}
+    index = torch.arange(len(ids))
+    rows = torch.zeros(len(ids), dtype=torch.bool)
+    for name, first in (("sft", 0), ("replay", n_sft)):
+        if settings.kl_on in (name, "both"):  # kl_fraction: the first ceil(f x rows) rows of each part
+            rows |= (index >= first) & (index < first + math.ceil(settings.kl_fraction * n_rows[name]))
     return loss + settings.kl_coef * kl_tok[rows][has[rows]].mean()
 
 
@@ -191,6 +197,7 @@ def plain_arr_loss(peft_model, base, sft, replay, settings: ARRSettings) -> torc
             False,
         ),
         (ARRSettings(kl_coef=0.5, replay_ratio=1.0, kl_on="both"), True),
+        (ARRSettings(kl_coef=0.5, replay_ratio=1.0, kl_on="both", kl_fraction=0.5), False),
     ],
 )
 def test_training_step_gradients_equal_the_plain_full_logits_objective(

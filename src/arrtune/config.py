@@ -83,6 +83,11 @@ class TrainConfig:
     kl_every: int = _f(
         1, "Compute the KL on one optimizer step in n only, weighted n x kl_coef (1 = every step)."
     )
+    kl_fraction: float = _f(
+        1.0,
+        "Share of the KL-carrying rows (sequences) of each micro-batch that get the KL: the first "
+        "ceil(f x rows). The reference forward shrinks to that share; the KL stays a token mean (1 = all).",
+    )
     loss_chunk_rows: int = _f(
         0,
         "Token rows turned into logits at once for the CE and KL (bounds transient memory); 0 = automatic: "
@@ -176,6 +181,7 @@ class TrainConfig:
             ("kl_topk", self.kl_topk >= 0, ">= 0"),
             ("loss_chunk_rows", self.loss_chunk_rows >= 0, ">= 0"),
             ("kl_every", self.kl_every >= 1, ">= 1"),
+            ("kl_fraction", 0 < self.kl_fraction <= 1, "in (0, 1]"),
             ("per_device_train_batch_size", self.per_device_train_batch_size > 0, "> 0"),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps > 0, "> 0"),
             ("max_length", self.max_length > 1, "> 1"),

@@ -230,7 +230,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
     )
     settings = ARRSettings(
         kl_coef=kl_coef, kl_direction=cfg.kl_direction, kl_on=cfg.resolved_kl_on(), kl_mask_target=cfg.kl_mask_target,
-        kl_topk=cfg.kl_topk, loss_chunk_rows=cfg.loss_chunk_rows, kl_every=cfg.kl_every, replay_ratio=replay_ratio, replay_weight=cfg.replay_weight,
+        kl_topk=cfg.kl_topk, loss_chunk_rows=cfg.loss_chunk_rows, kl_every=cfg.kl_every, kl_fraction=cfg.kl_fraction, replay_ratio=replay_ratio, replay_weight=cfg.replay_weight,
     )  # fmt: skip
     if state.is_main_process:
         _init_run_dir(run_dir, cfg, resume_from)

@@ -20,7 +20,17 @@ import yaml
 
 from arrtune.atomic import write_atomic
 
-SETTINGS = ("method", "kl_coef", "replay_ratio", "kl_on", "kl_direction", "kl_mask_target", "kl_every")
+SETTINGS = (
+    "method",
+    "kl_coef",
+    "replay_ratio",
+    "kl_on",
+    "kl_direction",
+    "kl_mask_target",
+    "kl_every",
+    "kl_fraction",
+    "precision",
+)
 COST = ("step_time_s", "sft_tokens_per_s", "peak_memory_gb")
 #: (metric key, column title, higher is better)
 HEADLINE = (

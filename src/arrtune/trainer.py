@@ -56,6 +56,7 @@ class ARRSettings:
     kl_mask_target: bool = False
     kl_topk: int = 0
     kl_every: int = 1
+    kl_fraction: float = 1.0
     replay_ratio: float = 0.0
     replay_weight: float = 1.0
     #: token rows per chunk of the output layer and losses; 0 = automatic (see ``losses.default_chunk_rows``)
@@ -139,6 +140,7 @@ class _Part:
     ce_scale: float  # weight of each label token's CE: 1 / n for SFT, replay_weight / n for replay
     kl_scale: float  # weight of each label token's KL: kl_coef / n KL tokens (0: no KL on these rows)
     drop_labels: bool  # kl_mask_target on these rows
+    kl_rows: int = 0  # the first kl_rows rows carry the KL (kl_fraction)
 
 
 class ARRTrainer(Trainer):
@@ -184,7 +186,9 @@ class ARRTrainer(Trainer):
         # kl_every = n: the KL on one optimizer step in n, weighted n x (same expected penalty, 1/n the cost)
         kl_coef = arr.kl_coef * arr.kl_every if self.state.global_step % arr.kl_every == 0 else 0.0
         kl_parts = [p for p in parts if arr.kl_on in (p.name, "both")] if kl_coef > 0 else []
-        n_kl = sum(_n_targets(p.labels) for p in kl_parts)
+        for part in kl_parts:  # kl_fraction: the KL (and the reference forward) on the first rows only
+            part.kl_rows = max(1, math.ceil(arr.kl_fraction * len(part.ids)))
+        n_kl = sum(_n_targets(p.labels[: p.kl_rows]) for p in kl_parts)
         for part in parts:
             n = _n_targets(part.labels)
             part.ce_scale = (1.0 if part.name == "sft" else arr.replay_weight) / max(n, 1)
@@ -239,7 +243,8 @@ class ARRTrainer(Trainer):
         peft_model = self.accelerator.unwrap_model(model)
         head = output_head(peft_model)
         kl = None
-        kl_weight = per_row([p.kl_scale for p in parts])
+        in_kl_rows = torch.cat([torch.arange(len(p.ids), device=ids.device) < p.kl_rows for p in parts])
+        kl_weight = per_row([p.kl_scale for p in parts]) * in_kl_rows[:, None]
         if bool((kl_weight != 0).any()):
             kl_rows = (kl_weight != 0).any(1).nonzero().view(-1)
             ref = reference_hidden(peft_model, ids[kl_rows], attention[kl_rows])
@@ -273,7 +278,7 @@ class ARRTrainer(Trainer):
             terms["replay_loss"] = sums["replay_ce"] / max(counts["replay"], 1)
         kl_parts = [p for p in parts if p.kl_scale > 0]
         if kl_parts:
-            n_kl = sum(counts[p.name] for p in kl_parts)
+            n_kl = sum(_n_targets(p.labels[: p.kl_rows]) for p in kl_parts)
             terms["kl"] = sum(sums[f"{p.name}_kl"] for p in kl_parts) / max(n_kl, 1)
         self._record(**terms)
 
