@@ -1,16 +1,18 @@
 """ARR's compute and memory overhead, measured side by side in one run.
 
-For each model and method (sft, kl, replay, arr, and ``arr-copy``: ARR with the KL reference held as a
-**separate frozen copy** of the model, the common approach in other trainers; and ``sft-hf``: the plain
-transformers step, ``model(**batch).loss`` with full logits, for context) a fresh worker process builds the
-LoRA model, runs warm-up steps, then times ``--steps`` optimizer steps of arrtune's real training code
-(``ARRTrainer.training_step``: both passes with their backward, under the Trainer's own autocast; then the
-AdamW step) and reports the median step time and SFT tokens/s, each also as a ratio to ``sft``.
+Methods: sft, kl, replay, arr; ``arr-copy``, ARR with the KL reference held as a **separate frozen copy**
+of the model (the common approach in other trainers); and ``sft-hf``, the plain transformers step
+(``model(**batch).loss`` with full logits), for context. For each model and precision one worker process
+builds the LoRA model once and runs every method's optimizer step in turn, round after round (one warm-up
+round, then ``--steps`` timed rounds), so drifts in this machine's speed hit all methods alike. A step is
+arrtune's real training code: ``ARRTrainer.training_step`` (both passes with their backward, under the
+Trainer's own autocast) plus the AdamW step. It reports the median step time and SFT tokens/s, each also
+as a ratio to ``sft``.
 
-Peak memory: on GPU ``torch.cuda.max_memory_allocated``. On CPU the peak RSS twice: of the timed run
-(default glibc malloc, which keeps freed blocks and so overstates what a step needs) and of a second,
-untimed one-step run with ``MALLOC_MMAP_THRESHOLD_=65536``, where every block over 64 KiB goes back to the
-OS when freed, so the peak RSS tracks live memory ("peak live", the CPU analogue of the CUDA number).
+Peak memory, per method in a process of its own: on GPU ``torch.cuda.max_memory_allocated``; on CPU the
+peak RSS of a one-step run with ``MALLOC_MMAP_THRESHOLD_=65536``, where every block over 64 KiB goes back to
+the OS when freed, so RSS tracks live memory (glibc's default keeps freed blocks and grows its heap rather
+than reuse them, which overstates what a step needs, and makes the number depend on allocation history).
 
 Time floors: the **FLOP floor** is the ratio of matmul FLOPs actually required (see ``step_flops``: policy
 forward + activation backward over every position, the output layer only where a loss needs it, the
@@ -81,8 +83,23 @@ def measured_matmul_rate(dtype: torch.dtype, device: str) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
+SETTINGS = {
+    "sft-hf": (0, 0),
+    "sft": (0, 0),
+    "kl": (0.1, 0),
+    "replay": (0, 1),
+    "arr": (0.1, 1),
+    "arr-copy": (0.1, 1),
+}  # fmt: skip  (kl_coef, replay_ratio)
+
+
 def worker(args: argparse.Namespace) -> None:
-    """Measure one (model, method, precision) in this process and print one JSON line."""
+    """Measure ``args.methods`` on one model and precision in this process and print one JSON line each.
+
+    Timing mode: every method's step runs in turn, round after round (after one warm-up round), so drifts
+    of this machine's speed hit all methods alike; the median per method is reported. Memory mode
+    (``--memory``, one method): one step, then the peak memory.
+    """
     import resource
 
     from peft import LoraConfig, get_peft_model
@@ -96,29 +113,18 @@ def worker(args: argparse.Namespace) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = build_model(args.model)
     copy_ref = None
-    if args.method == "arr-copy":  # the common approach: a second, frozen model as the reference
+    if "arr-copy" in args.methods:  # the common approach: a second, frozen model as the reference
         copy_ref = copy.deepcopy(model).to(device).eval().requires_grad_(False)
     model = get_peft_model(
         model.to(device), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     )
-    if copy_ref is not None:
-        trainer_module.reference_hidden = lambda _m, ids, mask: copy_ref.get_decoder()(
-            input_ids=ids, attention_mask=mask
-        ).last_hidden_state.detach()
-        trainer_module.reference_head = lambda _m, _head=None: lambda h: copy_ref.get_output_embeddings()(h)
+    own_reference = (trainer_module.reference_hidden, trainer_module.reference_head)
 
-    kl, ratio = {"sft-hf": (0, 0), "sft": (0, 0), "kl": (0.1, 0), "replay": (0, 1), "arr": (0.1, 1),
-                 "arr-copy": (0.1, 1)}[args.method]  # fmt: skip
-    settings = ARRSettings(kl_coef=kl, replay_ratio=ratio, kl_on="both")
-    replay = ReplayStream("builtin", tokenizer) if ratio else None
-    targs = TrainingArguments(
-        output_dir="/tmp/arrtune-bench",
-        report_to="none",
-        use_cpu=device == "cpu",
-        max_steps=1,
-        bf16=args.precision == "bf16",
-    )
-    trainer = ARRTrainer(model=model, args=targs, processing_class=tokenizer, arr=settings, replay=replay)
+    def copy_hidden(_m, ids, mask):
+        return copy_ref.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state.detach()
+
+    def copy_head(_m, _head=None):
+        return lambda h: copy_ref.get_output_embeddings()(h)
 
     # SFT batch: built-in task examples packed to max_length tokens per row via several examples' messages
     examples, _ = load_sft_examples("builtin:vornish", tokenizer, max_length=args.max_length)
@@ -132,13 +138,25 @@ def worker(args: argparse.Namespace) -> None:
         rows.append({"input_ids": ids, "labels": labels})
     batch = {k: v.to(device) for k, v in collate_sft(rows, tokenizer.pad_token_id).items()}
     sft_tokens = int(batch["attention_mask"].sum())
-
+    targs = TrainingArguments(output_dir="/tmp/arrtune-bench", report_to="none", use_cpu=device == "cpu",
+                              max_steps=1, bf16=args.precision == "bf16")  # fmt: skip
+    replay = ReplayStream("builtin", tokenizer)
+    trainers = {}
+    for method in args.methods:
+        kl, ratio = SETTINGS[method]
+        settings = ARRSettings(kl_coef=kl, replay_ratio=ratio, kl_on="both")
+        trainers[method] = ARRTrainer(model=model, args=targs, processing_class=tokenizer, arr=settings,
+                                      replay=replay if ratio else None)  # fmt: skip
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
 
-    def step() -> float:
+    def step(method: str) -> float:
+        trainer = trainers[method]
+        trainer_module.reference_hidden, trainer_module.reference_head = (
+            (copy_hidden, copy_head) if method == "arr-copy" else own_reference
+        )
         start = time.perf_counter()
-        if args.method == "sft-hf":  # what a plain transformers/TRL SFT step does: full logits, HF's loss
+        if method == "sft-hf":  # what a plain transformers/TRL SFT step does: full logits, HF's loss
             with trainer.accelerator.autocast():
                 loss = model(**batch).loss
             loss.backward()
@@ -150,12 +168,14 @@ def worker(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(args.warmup):
-        step()
-    times = [step() for _ in range(args.steps)]
+    times: dict[str, list[float]] = {m: [] for m in args.methods}
+    for round_ in range(args.warmup + args.steps):
+        for method in args.methods:
+            elapsed = step(method)
+            if round_ >= args.warmup:
+                times[method].append(elapsed)
     peak = (
         torch.cuda.max_memory_allocated()
         if device == "cuda"
@@ -165,20 +185,20 @@ def worker(args: argparse.Namespace) -> None:
     # positions the matmuls run on: every position of a row through the body; the output layer only where a
     # loss needs it (label tokens; all positions for sft-hf, which computes full logits)
     sft_pos, sft_labels = batch["input_ids"].numel(), int((batch["labels"][:, 1:] != -100).sum())
-    rep_pos = rep_labels = 0
-    if ratio:
-        rb = ReplayStream("builtin", tokenizer).batch(
-            max(1, round(ratio * sft_tokens)), batch["input_ids"].shape[1], tokenizer.pad_token_id
-        )
-        rep_pos, rep_labels = rb["input_ids"].numel(), int((rb["labels"][:, 1:] != -100).sum())
-    print(json.dumps({
-        "model": args.model, "method": args.method, "precision": args.precision, "device": device,
-        "step_s": statistics.median(times), "times": times, "sft_tokens": sft_tokens,
-        "peak_bytes": peak, "setup_bytes": rss_setup if device == "cpu" else 0, "body_params": body,
-        "head_params": head, "replay_ratio": ratio, "kl": kl > 0, "sft_positions": sft_pos,
-        "sft_head_positions": sft_pos if args.method == "sft-hf" else sft_labels,
-        "replay_positions": rep_pos, "replay_head_positions": rep_labels,
-    }))  # fmt: skip
+    rb = ReplayStream("builtin", tokenizer).batch(
+        sft_tokens, batch["input_ids"].shape[1], tokenizer.pad_token_id
+    )
+    for method in args.methods:
+        kl, ratio = SETTINGS[method]
+        print(json.dumps({
+            "model": args.model, "method": method, "precision": args.precision, "device": device,
+            "step_s": statistics.median(times[method]) if times[method] else float("nan"),
+            "times": times[method], "sft_tokens": sft_tokens, "peak_bytes": peak, "body_params": body,
+            "head_params": head, "replay_ratio": ratio, "kl": kl > 0, "sft_positions": sft_pos,
+            "sft_head_positions": sft_pos if method == "sft-hf" else sft_labels,
+            "replay_positions": rb["input_ids"].numel() if ratio else 0,
+            "replay_head_positions": int((rb["labels"][:, 1:] != -100).sum()) if ratio else 0,
+        }))  # fmt: skip
 
 
 def step_flops(r: dict) -> float:
@@ -202,14 +222,14 @@ def simple_floor(method: str) -> float:
     return ((1 + ratio) * 2 + (1 + ratio) * kl) / 2
 
 
-def run_worker(cmd: list[str], env: dict[str, str] | None = None) -> dict | None:
-    """Run one measurement in a fresh process; its JSON line, or None (with its stderr printed) on failure."""
+def run_worker(cmd: list[str], env: dict[str, str] | None = None) -> list[dict]:
+    """Run measurements in a fresh process; their JSON lines (none, with stderr printed, on failure)."""
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    line = [x for x in out.stdout.splitlines() if x.startswith("{")]
-    if out.returncode != 0 or not line:
-        print(out.stderr[-2000:])
-        return None
-    return json.loads(line[-1])
+    lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    if out.returncode != 0 or not lines:
+        print(f"FAILED: {' '.join(cmd[2:])}\n{out.stderr[-2000:]}")
+        return []
+    return lines
 
 
 def main() -> None:
@@ -219,11 +239,10 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5, help="timed rounds (every method once per round)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the raw results to this file")
     args = parser.parse_args()
@@ -243,49 +262,32 @@ def main() -> None:
     results = []
     for model in args.models:
         for precision in args.precisions:
-            for method in args.methods:
-                cmd = [sys.executable, __file__, "--worker", "--model", model, "--method", method, "--precision", precision,
-                       "--max-length", str(args.max_length), "--batch-size", str(args.batch_size)]  # fmt: skip
-                r = run_worker(cmd + ["--steps", str(args.steps), "--warmup", str(args.warmup)])
-                if r is None:
-                    print(f"{model} {precision} {method}: FAILED")
-                    continue
-                if r["device"] == "cpu":
-                    # glibc keeps freed blocks (and grows its heap rather than reuse them), so the default RSS
-                    # overstates what a step needs. A second run with every allocation over 64 KiB mmapped
-                    # (returned to the OS on free) makes the peak RSS track live memory, the CPU analogue of
-                    # torch.cuda.max_memory_allocated; it is slow, so it is not timed.
-                    live = run_worker(
-                        cmd + ["--steps", "1", "--warmup", "0"], {"MALLOC_MMAP_THRESHOLD_": "65536"}
-                    )
-                    r["live_peak_bytes"] = live["peak_bytes"] if live else float("nan")
-                else:
-                    r["live_peak_bytes"] = r["peak_bytes"]
+            cmd = [sys.executable, __file__, "--worker", "--model", model, "--precision", precision,
+                   "--max-length", str(args.max_length), "--batch-size", str(args.batch_size)]  # fmt: skip
+            timed = run_worker(cmd + ["--steps", str(args.steps), "--warmup", str(args.warmup), "--methods",
+                                      *args.methods])  # fmt: skip
+            for r in timed:
+                print(f"  timed {model} {precision} {r['method']}: {r['step_s']:.2f} s/step", flush=True)
+                # peak memory: each method alone in a fresh process, one step. On CPU with every block over
+                # 64 KiB mmapped (returned to the OS on free), so that RSS tracks live memory
+                env = {"MALLOC_MMAP_THRESHOLD_": "65536"} if r["device"] == "cpu" else None
+                alone = run_worker(cmd + ["--steps", "1", "--warmup", "0", "--methods", r["method"]], env)
+                r["peak_bytes"] = alone[0]["peak_bytes"] if alone else float("nan")
                 results.append(r)
-                print(f"  measured {model} {precision} {method}: {r['step_s']:.2f} s/step", flush=True)
 
-    header = ("| model | precision | method | s/step | × sft | FLOP floor | ÷ floor | simple floor | SFT tok/s "
-              "| peak live GB | × sft | peak RSS GB | × sft | MFU |")  # fmt: skip
+    header = "| model | precision | method | s/step | × sft | FLOP floor | ÷ floor | simple floor | SFT tok/s | peak GB | × sft | MFU |"
     print("\n" + header + "\n|" + "---|" * (header.count("|") - 1))
     for r in results:
-        sft = next(
-            (
-                x
-                for x in results
-                if (x["model"], x["precision"], x["method"]) == (r["model"], r["precision"], "sft")
-            ),
-            None,
-        )
+        key = (r["model"], r["precision"], "sft")
+        sft = next((x for x in results if (x["model"], x["precision"], x["method"]) == key), None)
         nan = float("nan")
         ratio = r["step_s"] / sft["step_s"] if sft else nan
         floor = step_flops(r) / step_flops(sft) if sft else nan
-        live = r["live_peak_bytes"] / sft["live_peak_bytes"] if sft else nan
-        rss = r["peak_bytes"] / sft["peak_bytes"] if sft else nan
+        mem = r["peak_bytes"] / sft["peak_bytes"] if sft else nan
         mfu = step_flops(r) / r["step_s"] / rates[r["precision"]]
         print(f"| {r['model']} | {r['precision']} | {r['method']} | {r['step_s']:.2f} | {ratio:.2f} | {floor:.2f} | "
               f"{ratio / floor:.2f} | {simple_floor(r['method']):.2f} | {r['sft_tokens'] / r['step_s']:.0f} | "
-              f"{r['live_peak_bytes'] / 2**30:.2f} | {live:.2f} | {r['peak_bytes'] / 2**30:.2f} | {rss:.2f} | "
-              f"{100 * mfu:.0f}% |")  # fmt: skip
+              f"{r['peak_bytes'] / 2**30:.2f} | {mem:.2f} | {100 * mfu:.0f}% |")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
