@@ -59,7 +59,7 @@ def train_args(model_dir: Path, inputs: Path, out: Path, **extra: object) -> lis
         "model": model_dir, "data": inputs / "sft.jsonl", "replay": inputs / "replay.txt", "output_dir": out,
         "method": "arr", "max_steps": 22, "save_steps": 4, "save_total_limit": 10, "warmup_steps": 2,
         "lr_scheduler_type": "linear", "learning_rate": 0.01, "per_device_train_batch_size": 4,
-        "lora_dropout": 0.1, "seed": 3, "progress_bar": False,
+        "lora_dropout": 0.1, "seed": 3, "precision": "fp32", "progress_bar": False,
     }  # fmt: skip
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 from arrtune.config import load_config
 from arrtune.data.replay import ReplayStream
 from arrtune.data.sft import collate_sft, load_sft_examples
+from arrtune.errors import ArrtuneError
 from arrtune.recipe import train
 from arrtune.trainer import ARRSettings, ARRTrainer, reference_head, reference_hidden
 
@@ -224,3 +226,63 @@ def test_training_step_gradients_equal_the_plain_full_logits_objective(
         if p.requires_grad:
             assert torch.allclose(ours[name], p.grad, rtol=1e-4, atol=1e-6), name
     assert sum(float(g.abs().sum()) for g in ours.values()) > 0
+
+
+def _tiny(config_cls, model_cls, tokenizer, **extra):
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                        pad_token_id=tokenizer.pad_token_id, **extra)  # fmt: skip
+    return model_cls(config)
+
+
+def _trainer_for(model, tokenizer, tmp_path, settings: ARRSettings, replay=None) -> ARRTrainer:
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                  task_type="CAUSAL_LM"))  # fmt: skip
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    args = TrainingArguments(output_dir=str(tmp_path / "ck"), report_to="none", use_cpu=True, max_steps=1)
+    return ARRTrainer(model=peft_model, args=args, processing_class=tokenizer, arr=settings, replay=replay)
+
+
+def test_soft_capped_logits_gemma2_match_the_plain_objective(tiny_tokenizer, tmp_path) -> None:
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    model = _tiny(Gemma2Config, Gemma2ForCausalLM, tiny_tokenizer, final_logit_softcapping=2.0)
+    base = copy.deepcopy(model)
+    settings = ARRSettings(kl_coef=0.5, replay_ratio=1.0, kl_on="both")
+    trainer = _trainer_for(model, tiny_tokenizer, tmp_path, settings, ReplayStream("builtin", tiny_tokenizer))
+    batch = sft_batch(tiny_tokenizer)
+    n_replay = int(batch["attention_mask"].sum())
+    replay = ReplayStream("builtin", tiny_tokenizer).batch(n_replay, batch["input_ids"].shape[1],
+                                                            tiny_tokenizer.pad_token_id)  # fmt: skip
+    loss = trainer.training_step(trainer.model, batch)
+    ours = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.model.zero_grad(set_to_none=True)
+    expected = plain_arr_loss(trainer.model, base, batch, replay, settings)
+    expected.backward()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    for name, p in trainer.model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(ours[name], p.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_an_architecture_with_unknown_logit_scaling_is_refused(tiny_tokenizer, tmp_path) -> None:
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    model = _tiny(GraniteConfig, GraniteForCausalLM, tiny_tokenizer, logits_scaling=4.0)
+    trainer = _trainer_for(model, tiny_tokenizer, tmp_path, ARRSettings())
+    with pytest.raises(ArrtuneError, match="GraniteForCausalLM: its logits are not output_layer"):
+        trainer.training_step(trainer.model, sft_batch(tiny_tokenizer))
+
+
+def test_precision_auto_is_bf16_on_cpus_with_native_bf16_matmul() -> None:
+    from arrtune.recipe import cpu_has_native_bf16, use_bf16
+
+    assert cpu_has_native_bf16("flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_fp16")
+    assert cpu_has_native_bf16("flags\t\t: fpu amx_bf16 amx_tile")
+    assert not cpu_has_native_bf16("flags\t\t: fpu avx2 avx512f avx512_vnni")
+    assert not cpu_has_native_bf16("flags\t\t: fpu avx512_bf16x")
+    assert use_bf16("bf16") and not use_bf16("fp32")

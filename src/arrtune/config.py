@@ -120,7 +120,11 @@ class TrainConfig:
     max_length: int = _f(256, "Longest SFT example in tokens; longer ones are dropped and counted.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
     seed: int = _f(0, "Seed for LoRA init, data order and the replay stream.")
-    precision: str = _f("auto", "'fp32', 'bf16' (autocast), or 'auto' (bf16 where the device supports it).")
+    precision: str = _f(
+        "auto",
+        "'fp32', 'bf16' (autocast), or 'auto': bf16 on a CUDA GPU that supports it and on a CPU with native "
+        "bf16 matmul (AVX512-BF16 / AMX), else fp32.",
+    )
 
     # -- logging and checkpoints ----------------------------------------------------------------------
     logging_steps: int = _f(1, "Log the loss terms every this many optimizer steps.")

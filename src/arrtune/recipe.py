@@ -33,12 +33,24 @@ from arrtune.errors import ArrtuneError
 log = logging.getLogger("arrtune")
 
 
-def _use_bf16(precision: str) -> bool:
-    if precision == "bf16":
-        return True
-    if precision == "fp32":
-        return False
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True where the CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16, read from /proc/cpuinfo)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
+
+
+def use_bf16(precision: str) -> bool:
+    """Whether to train under bf16 autocast. ``auto``: on a CUDA GPU that supports bf16, and on a CPU with
+    native bf16 matmul (measured to train as well as fp32 and 1.07-1.23x faster, README "Performance")."""
+    if precision in ("bf16", "fp32"):
+        return precision == "bf16"
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_native_bf16()
 
 
 #: config keys that do not change what is trained: a run may be resumed with another value
@@ -215,7 +227,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
         max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        bf16=_use_bf16(cfg.precision),
+        bf16=use_bf16(cfg.precision),
         logging_steps=cfg.logging_steps,
         save_strategy="steps" if cfg.save_steps > 0 else "no",
         save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
