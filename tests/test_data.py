@@ -74,6 +74,13 @@ def test_bad_rows_name_the_file_and_line(tmp_path: Path, tiny_tokenizer) -> None
     path.write_text(json.dumps({"prompt": 3, "completion": "x"}) + "\n")
     with pytest.raises(ArrtuneError, match=r"bad.jsonl:1: field 'prompt' must be a string"):
         load_sft_examples(str(path), tiny_tokenizer, max_length=64)
+    array = tmp_path / "bad.json"  # a JSON array file: the line where the decoder stopped
+    array.write_text("[\n" + json.dumps(ROWS["alpaca"]) + ",\n{not json}\n]\n")
+    with pytest.raises(ArrtuneError, match=r"bad.json:3: invalid JSON"):
+        load_sft_examples(str(array), tiny_tokenizer, max_length=64)
+    array.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ArrtuneError, match=r"bad.json: invalid JSON \(nested too deeply\)"):
+        load_sft_examples(str(array), tiny_tokenizer, max_length=64)
 
 
 def test_builtin_task_and_collate(tiny_tokenizer) -> None:

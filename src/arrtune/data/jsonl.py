@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from arrtune.errors import ArrtuneError
 
@@ -20,6 +21,18 @@ def read_utf8(path: str | Path) -> str:
         raise ArrtuneError(f"{path}: cannot read ({exc.strerror or exc})") from exc
 
 
+def parse_json(text: str, path: str | Path, line: int | None = None) -> Any:
+    """``json.loads(text)``; invalid JSON raises ``ArrtuneError`` naming ``path:line`` (for a whole file, the
+    line the decoder stopped at)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ArrtuneError(f"{path}:{line or exc.lineno}: invalid JSON ({exc.msg})") from exc
+    except RecursionError as exc:
+        where = f"{path}:{line}" if line else str(path)
+        raise ArrtuneError(f"{where}: invalid JSON (nested too deeply)") from exc
+
+
 def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
     """``(where, object)`` for each non-blank line, ``where`` = ``path:line``; bad lines raise ``ArrtuneError``."""
     path = Path(path)
@@ -28,12 +41,7 @@ def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ArrtuneError(f"{where}: invalid JSON ({exc.msg})") from exc
-        except RecursionError as exc:
-            raise ArrtuneError(f"{where}: invalid JSON (nested too deeply)") from exc
+        row = parse_json(line, path, lineno)
         if not isinstance(row, dict):
             raise ArrtuneError(f"{where}: expected a JSON object, got {type(row).__name__}")
         rows.append((where, row))

@@ -16,7 +16,6 @@ the response and teach the model to stop mid-answer).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from arrtune.data.jsonl import read_jsonl, read_utf8
+from arrtune.data.jsonl import parse_json, read_jsonl, read_utf8
 from arrtune.errors import ArrtuneError
 from arrtune.losses import IGNORE_INDEX
 
@@ -81,12 +80,7 @@ def _read_file(path: Path) -> list[tuple[str, dict]]:
     if path.suffix == ".json":
         text = read_utf8(path)
         if text.lstrip().startswith("["):
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ArrtuneError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
-            except RecursionError as exc:
-                raise ArrtuneError(f"{path}: invalid JSON (nested too deeply)") from exc
+            rows = parse_json(text, path)
             if not all(isinstance(r, dict) for r in rows):
                 raise ArrtuneError(f"{path}: expected a JSON list of objects")
             return [(f"{path} item {i + 1}", r) for i, r in enumerate(rows)]
