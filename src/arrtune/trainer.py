@@ -141,6 +141,8 @@ class _Part:
     kl_scale: float  # weight of each label token's KL: kl_coef / n KL tokens (0: no KL on these rows)
     drop_labels: bool  # kl_mask_target on these rows
     kl_rows: int = 0  # the first kl_rows rows carry the KL (kl_fraction)
+    n_targets: int = 0  # label tokens of these rows (the CE's denominator)
+    n_kl_targets: int = 0  # label tokens of the KL rows (their share of the KL's denominator)
 
 
 class ARRTrainer(Trainer):
@@ -188,10 +190,11 @@ class ARRTrainer(Trainer):
         kl_parts = [p for p in parts if arr.kl_on in (p.name, "both")] if kl_coef > 0 else []
         for part in kl_parts:  # kl_fraction: the KL (and the reference forward) on the first rows only
             part.kl_rows = max(1, math.ceil(arr.kl_fraction * len(part.ids)))
-        n_kl = sum(_n_targets(p.labels[: p.kl_rows]) for p in kl_parts)
+            part.n_kl_targets = _n_targets(part.labels[: part.kl_rows])
+        n_kl = sum(p.n_kl_targets for p in kl_parts)
         for part in parts:
-            n = _n_targets(part.labels)
-            part.ce_scale = (1.0 if part.name == "sft" else arr.replay_weight) / max(n, 1)
+            part.n_targets = _n_targets(part.labels)
+            part.ce_scale = (1.0 if part.name == "sft" else arr.replay_weight) / max(part.n_targets, 1)
             part.kl_scale = kl_coef / n_kl if part in kl_parts and n_kl > 0 else 0.0
         return parts
 
@@ -272,52 +275,53 @@ class ARRTrainer(Trainer):
         return [parts] if self.joint_passes else [[p] for p in parts]
 
     def _record_parts(self, parts: list[_Part], sums: dict[str, torch.Tensor]) -> None:
-        counts = {p.name: _n_targets(p.labels) for p in parts}
-        terms: dict[str, torch.Tensor | None] = {"sft_loss": sums["sft_ce"] / max(counts["sft"], 1)}
-        if "replay" in counts:
-            terms["replay_loss"] = sums["replay_ce"] / max(counts["replay"], 1)
+        terms: dict[str, torch.Tensor | None] = {
+            f"{p.name}_loss": sums[f"{p.name}_ce"] / max(p.n_targets, 1) for p in parts
+        }
         kl_parts = [p for p in parts if p.kl_scale > 0]
         if kl_parts:
-            n_kl = sum(_n_targets(p.labels[: p.kl_rows]) for p in kl_parts)
+            n_kl = sum(p.n_kl_targets for p in kl_parts)
             terms["kl"] = sum(sums[f"{p.name}_kl"] for p in kl_parts) / max(n_kl, 1)
         self._record(**terms)
+
+    def _run_passes(
+        self, model: Any, inputs: dict[str, torch.Tensor], backward_scale: float | None
+    ) -> torch.Tensor:
+        """The summed loss of every pass of one micro-batch. With ``backward_scale``, each pass is
+        back-propagated (scaled) before the next runs, and gradients are reduced across ranks once, in the
+        backward of the last pass; the returned loss is then detached."""
+        parts = self._parts(inputs)
+        passes = self._passes(parts)
+        total, sums = None, {}
+        for i, group in enumerate(passes):
+            last = i == len(passes) - 1
+            sync = nullcontext() if backward_scale is None or last else self.accelerator.no_sync(model)
+            with sync:
+                # autocast covers the reference and the output layer too, not only model.forward
+                with self.compute_loss_context_manager(), self.accelerator.autocast():
+                    loss, part_sums = self._pass_loss(model, group)
+                if backward_scale is not None:
+                    self.accelerator.backward(loss * backward_scale)
+                    loss = loss.detach()
+            total = loss if total is None else total + loss
+            sums.update(part_sums)
+        self._record_parts(parts, sums)
+        return total
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
         """The ARR loss of one micro-batch (all passes summed, for evaluation and tests; training uses
         :meth:`training_step`, which back-propagates each pass before running the next)."""
-        parts = self._parts(inputs)
-        total, sums = None, {}
-        for group in self._passes(parts):
-            with self.accelerator.autocast():  # also the reference and the output layer, not only forward()
-                loss, part_sums = self._pass_loss(model, group)
-            total = loss if total is None else total + loss
-            sums.update(part_sums)
-        self._record_parts(parts, sums)
+        total = self._run_passes(model, inputs, None)
         return (total, None) if return_outputs else total
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[override]
         """One micro-batch, one forward/backward per pass; a NaN/inf loss on any rank stops training on
         every rank before the next save."""
         model.train()
-        inputs = self._prepare_inputs(inputs)
-        parts = self._parts(inputs)
-        passes = self._passes(parts)
         scale = 1.0 / getattr(
             self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
         )
-        total, sums = torch.zeros((), device=self.args.device), {}
-        for i, group in enumerate(passes):
-            # gradients are reduced across ranks once, in the backward of the last pass
-            sync = nullcontext() if i == len(passes) - 1 else self.accelerator.no_sync(model)
-            with sync:
-                # autocast covers the reference and the output layer too, not only model.forward
-                with self.compute_loss_context_manager(), self.accelerator.autocast():
-                    loss, part_sums = self._pass_loss(model, group)
-                self.accelerator.backward(loss * scale)
-            total = total + loss.detach()
-            sums.update(part_sums)
-        self._record_parts(parts, sums)
-        loss = total * scale
+        loss = self._run_passes(model, self._prepare_inputs(inputs), scale) * scale
         bad = torch.tensor([0.0 if bool(torch.isfinite(loss).all()) else 1.0], device=loss.device)
         if self.args.world_size > 1:
             bad = self.accelerator.reduce(bad, reduction="sum")
