@@ -102,3 +102,63 @@ def test_grid_writes_report_and_resumes(tiny_model_dir: Path, tmp_path: Path, ca
     printed = capsys.readouterr().out
     assert "arr: evaluating" in printed and "sft: evaluating" not in printed
     assert json.loads((out / "runs" / "arr" / "eval.json").read_text())["mode"] == "pair"
+
+
+def test_grid_with_seeds_on_user_data_scores_the_users_task(tiny_model_dir: Path, tmp_path: Path) -> None:
+    rows = [{"prompt": f"Double {i}", "completion": f"{2 * i} exactly"} for i in range(12)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[8:]))
+    path = write_grid(tmp_path, tiny_model_dir, [{"method": "sft"}, {"method": "arr"}])
+    grid = load_grid(path, [f"data={tmp_path / 'train.jsonl'}", f"task_eval={tmp_path / 'held.jsonl'}",
+                            "seeds=[0, 1]", "eval.n_task=3"])  # fmt: skip
+    assert grid.eval["n_task"] == 3 and grid.seeds == [0, 1]
+    names = [s.name for s in expand_runs(grid)]
+    assert names == ["sft-seed=0", "sft-seed=1", "arr-seed=0", "arr-seed=1"]
+    assert [s.config.seed for s in expand_runs(grid)] == [0, 1, 0, 1]
+    out = run_grid(grid, progress=False)
+
+    result = json.loads((out / "runs" / "arr-seed=1" / "eval.json").read_text())
+    assert result["config"]["task"] == str(tmp_path / "held.jsonl")  # not the built-in Vornish task
+    assert {e["prompt"] for e in result["task_examples"]} <= {f"Double {i}" for i in range(8, 12)}
+    assert len(result["per_item"]["adapted"]["task/exact_match"]) == 3
+    assert len(result["per_item"]["base"]["arc_easy/acc"]) == 4
+
+    report = (out / "report.md").read_text()
+    assert "Across seeds" in report and "Paired difference vs. sft" in report
+    groups = {r["run"]: r for r in json.loads((out / "results_by_seed_group.json").read_text())}
+    assert groups["arr"]["n_seeds"] == 2 and "ppl/books_sd" in groups["arr"]
+    per_seed = [json.loads((out / "runs" / f"arr-seed={s}" / "eval.json").read_text()) for s in (0, 1)]
+    expected = (per_seed[0]["adapted"]["ppl/books"] + per_seed[1]["adapted"]["ppl/books"]) / 2
+    assert groups["arr"]["ppl/books"] == pytest.approx(expected)
+
+    bad = write_grid(tmp_path, tiny_model_dir, [{"method": "sft"}])
+    with pytest.raises(ArrtuneError, match="seeds"):
+        expand_runs(load_grid(bad, ["seeds=[1, 1]"]))
+
+
+def test_paired_differences_pool_seeds_and_items(tmp_path: Path) -> None:
+    from arrtune.report import aggregate_rows, paired_differences
+
+    outcomes = {"sft-seed=0": [1, 1, 0, 0], "sft-seed=1": [1, 0, 1, 0],
+                "arr-seed=0": [1, 1, 1, 0], "arr-seed=1": [1, 1, 1, 1]}  # fmt: skip
+    for name, items in outcomes.items():
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        per_item = {
+            "adapted": {"task/exact_match": items, "bleed": items},
+            "base": {"task/exact_match": [0] * 4},
+        }
+        (tmp_path / "runs" / name / "eval.json").write_text(json.dumps({"per_item": per_item}))
+    vs_sft = paired_differences(tmp_path, list(outcomes))
+    assert [r["run"] for r in vs_sft] == ["arr"]
+    diffs = [0, 0, 1, 0, 0, 1, 0, 1]  # arr - sft of the same seed, item by item
+    mean = sum(diffs) / 8
+    se = (sum((d - mean) ** 2 for d in diffs) / 7) ** 0.5 / 8**0.5
+    assert vs_sft[0]["task/exact_match"] == pytest.approx(mean) and vs_sft[0][
+        "task/exact_match_stderr"
+    ] == pytest.approx(se)
+    vs_base = {r["run"]: r for r in paired_differences(tmp_path, list(outcomes), reference=None)}
+    assert vs_base["arr"]["task/exact_match"] == pytest.approx(7 / 8)
+    assert vs_base["arr"]["bleed"] == pytest.approx(7 / 8)  # bleed of the base is 0 by definition
+    rows = aggregate_rows([{"run": "arr-seed=0", "leak": 0.2}, {"run": "arr-seed=1", "leak": 0.4}])
+    assert rows[0]["run"] == "arr" and rows[0]["leak"] == pytest.approx(0.3) and rows[0]["n_seeds"] == 2
+    assert rows[0]["leak_sd"] == pytest.approx(0.1414, abs=1e-4)

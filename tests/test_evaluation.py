@@ -170,6 +170,7 @@ TINY_CFG = dict(
     max_new_tokens=6,
     n_task=4,
     batch_size=4,
+    task="builtin:vornish",
 )
 
 

@@ -36,6 +36,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         evaluate_model_pair,
         evaluate_single,
         format_table,
+        resolve_task,
         write_eval_json,
     )
     from arrtune.models import load_model, load_tokenizer
@@ -45,14 +46,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         key, value = parse_override(item)
         data[key] = value
     cfg = EvalConfig.from_dict(data, args.config or "override")
+    run_config = None
+    if args.adapter:
+        adapter = Path(args.adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise ArrtuneError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
+        saved = adapter.parent / "config.yaml"
+        if saved.is_file():
+            run_config = read_yaml_mapping(saved, "run config", "a mapping of config keys")
+    cfg = resolve_task(cfg, run_config)
+    if data.get("task", "auto") == "auto":
+        print(f"task: {cfg.task or 'none (set task=FILE or, in training, task_eval)'}", file=sys.stderr)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model)
     if args.adapter:
         from peft import PeftModel
 
-        adapter = Path(args.adapter)
-        if not (adapter / "adapter_config.json").is_file():
-            raise ArrtuneError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
         model = PeftModel.from_pretrained(model, adapter)
         result = evaluate_model_pair(model, tokenizer, cfg, progress=not args.no_progress)
     else:

@@ -46,12 +46,37 @@ class TrainConfig:
         False, "Allow model code from the Hub (off by default; only for models you trust)."
     )
     data: str = _f(
-        "builtin:vornish", "SFT data: builtin:vornish, a .jsonl/.json/.parquet file, or a HF dataset id."
+        "builtin:vornish",
+        "SFT data: builtin:vornish or builtin:keywords (built-in tasks), a .jsonl/.json/.parquet file, or a HF "
+        "dataset id.",
     )
     data_split: str = _f("train", "Split of a HF dataset (or of the built-in task) used for training.")
-    replay: str = _f(
-        "builtin", "Replay corpus: 'builtin', a .txt/.jsonl/.parquet file, or a HF dataset id (streamed)."
+    task_eval: str | None = _f(
+        None,
+        "Held-out examples of your task (a .jsonl file, same row formats as data) that eval and compare score "
+        "for exact match and response loss; built-in tasks use their own held-out split. Unset with your own "
+        "data: no task score.",
     )
+    replay: str = _f(
+        "builtin",
+        "Replay source: 'builtin' (general text shipped with the installed packages), a .txt/.jsonl/.parquet "
+        "file, a HF dataset id (streamed), or 'self': the base model's own answers to general prompts "
+        "(generated once before training, cached; see replay_prompts and replay_mix).",
+    )
+    replay_mix: float = _f(
+        0.0,
+        "Share of the replay tokens that are self-replay (the base model's own answers), the rest coming "
+        "from the 'replay' corpus: 0 = corpus only, 0.5 = half each, 1 = self only ('replay: self' means 1).",
+    )
+    replay_prompts: str | None = _f(
+        None,
+        "Prompts the base model answers for self-replay: a .txt (one per line) or .jsonl (field prompt, "
+        "question or text) file, or a HF dataset id; default: built-in Natural Questions, disjoint from every "
+        "evaluation prompt.",
+    )
+    replay_temperature: float = _f(0.7, "Sampling temperature of the self-replay answers (0 = greedy).")
+    replay_top_p: float = _f(0.9, "Nucleus (top-p) sampling threshold of the self-replay answers.")
+    replay_max_new_tokens: int = _f(96, "Longest self-replay answer, in tokens.")
     replay_config: str | None = _f(
         None, "Config name of a HF replay dataset (e.g. 'sample-10BT' for fineweb-edu)."
     )
@@ -141,6 +166,10 @@ class TrainConfig:
         """replay_ratio, or the method preset's value when unset."""
         return PRESETS[self.method][1] if self.replay_ratio is None else float(self.replay_ratio)
 
+    def resolved_replay_mix(self) -> float:
+        """Share of replay tokens from self-replay: 1 for ``replay: self``, else ``replay_mix``."""
+        return 1.0 if self.replay == "self" else float(self.replay_mix)
+
     def resolved_kl_on(self) -> str:
         """kl_on, with 'auto' turned into 'replay' (replay on) or 'sft' (replay off)."""
         if self.kl_on != "auto":
@@ -186,6 +215,10 @@ class TrainConfig:
             ("loss_chunk_rows", self.loss_chunk_rows >= 0, ">= 0"),
             ("kl_every", self.kl_every >= 1, ">= 1"),
             ("kl_fraction", 0 < self.kl_fraction <= 1, "in (0, 1]"),
+            ("replay_mix", 0 <= self.replay_mix <= 1, "in [0, 1]"),
+            ("replay_temperature", self.replay_temperature >= 0, ">= 0"),
+            ("replay_top_p", 0 < self.replay_top_p <= 1, "in (0, 1]"),
+            ("replay_max_new_tokens", self.replay_max_new_tokens > 0, "> 0"),
             ("per_device_train_batch_size", self.per_device_train_batch_size > 0, "> 0"),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps > 0, "> 0"),
             ("max_length", self.max_length > 1, "> 1"),

@@ -10,9 +10,12 @@ A grid file (YAML)::
       - {method: arr, kl_coef: [0.03, 0.1], kl_on: [replay, both]}
     eval:                             # EvalConfig fields (see arrtune.evaluation.runner)
       n_per_benchmark: 100
+    seeds: [0, 1, 2]                  # optional: every run once per seed (named <run>-seed=<s>)
 
-Every run trains in its own process (so its peak memory is its own) with the same seed and data order,
-then is evaluated against the base model, whose results are computed once and cached. A run whose
+Every run trains in its own process (so its peak memory is its own), then is evaluated against the base
+model, whose results are computed once and cached. The evaluation's task is the runs' own (``task: auto``,
+see :func:`arrtune.evaluation.task_of_run`). With ``seeds`` (or a ``seed: [...]`` sweep) the report
+aggregates each run's seeds: mean and standard deviation of every metric, paired differences vs. ``sft``. A run whose
 ``eval.json`` exists with the same config is skipped, so an interrupted grid resumes where it stopped
 (and a run interrupted mid-training resumes from its last checkpoint).
 """
@@ -53,6 +56,8 @@ class GridConfig:
         default_factory=lambda: [{"method": m} for m in ("sft", "kl", "replay", "arr")]
     )
     eval: dict[str, Any] = field(default_factory=dict)
+    #: train every run once per seed (overrides ``seed``); None = each run's own ``seed``
+    seeds: list[int] | None = None
 
 
 def _fmt_value(value: Any) -> str:
@@ -62,6 +67,13 @@ def _fmt_value(value: Any) -> str:
 def expand_runs(grid: GridConfig) -> list[RunSpec]:
     """Turn the grid's run entries into named runs (list values expand into their cartesian product)."""
     specs: list[RunSpec] = []
+    if grid.seeds is not None and (
+        not isinstance(grid.seeds, list)
+        or not grid.seeds
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in grid.seeds)
+        or len(set(grid.seeds)) != len(grid.seeds)
+    ):
+        raise ArrtuneError(f"grid: seeds={grid.seeds!r} must be a list of distinct integers >= 0")
     for i, entry in enumerate(grid.runs):
         if not isinstance(entry, dict):
             raise ArrtuneError(f"grid: runs[{i}] must be a mapping of config keys")
@@ -82,8 +94,11 @@ def expand_runs(grid: GridConfig) -> list[RunSpec]:
                 run_name = "-".join([name, *swept_parts])
             else:
                 run_name = "-".join([str(values.get("method", "arr")), *parts])
-            values["output_dir"] = str(Path(grid.output_dir) / "runs" / run_name)
-            specs.append(RunSpec(run_name, TrainConfig(**values).validate()))
+            for seed in grid.seeds if grid.seeds is not None else [None]:
+                name_s = run_name if seed is None else f"{run_name}-seed={seed}"
+                values_s = values if seed is None else {**values, "seed": seed}
+                values_s["output_dir"] = str(Path(grid.output_dir) / "runs" / name_s)
+                specs.append(RunSpec(name_s, TrainConfig(**values_s).validate()))
     names = [s.name for s in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -100,18 +115,28 @@ def load_grid(path: str | os.PathLike | None, overrides: list[str] | tuple[str, 
     if path is not None:
         p = Path(path)
         data = read_yaml_mapping(p, "grid", "a mapping with keys output_dir, base, runs, eval")
-        unknown = set(data) - {"output_dir", "base", "runs", "eval"}
+        unknown = set(data) - {"output_dir", "base", "runs", "eval", "seeds"}
         if unknown:
             raise ArrtuneError(
-                f"{p}: unknown grid keys {sorted(unknown)} (known: output_dir, base, runs, eval)"
+                f"{p}: unknown grid keys {sorted(unknown)} (known: output_dir, base, runs, eval, seeds)"
             )
+        for key in ("base", "eval"):
+            if key in data and not isinstance(data[key], dict):
+                raise ArrtuneError(f"{p}: '{key}' must be a mapping")
+        if "runs" in data and not isinstance(data["runs"], list):
+            raise ArrtuneError(f"{p}: 'runs' must be a list of mappings")
     grid = GridConfig(**data)
+    grid.base, grid.eval = dict(grid.base or {}), dict(grid.eval or {})
     from arrtune.config import parse_override
 
     for item in overrides:
         key, value = parse_override(item)
         if key == "output_dir":
             grid.output_dir = str(value)
+        elif key == "seeds":
+            grid.seeds = value
+        elif key.startswith("eval."):
+            grid.eval[key[len("eval.") :]] = value
         else:
             grid.base[key] = value
     return grid
@@ -160,7 +185,14 @@ def run_grid(grid: GridConfig, progress: bool = True, debug: bool = False) -> Pa
     """Train and evaluate every run of the grid (skipping finished ones), then write the report."""
     from peft import PeftModel
 
-    from arrtune.evaluation import EvalConfig, evaluate_model_pair, evaluate_single, write_eval_json
+    from arrtune.evaluation import (
+        EvalConfig,
+        evaluate_model_pair,
+        evaluate_single,
+        resolve_task,
+        task_of_run,
+        write_eval_json,
+    )
     from arrtune.models import load_model, load_tokenizer
     from arrtune.report import write_report
 
@@ -168,6 +200,13 @@ def run_grid(grid: GridConfig, progress: bool = True, debug: bool = False) -> Pa
     out = Path(grid.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     eval_cfg = EvalConfig.from_dict(grid.eval, "grid: eval")
+    if eval_cfg.task == "auto":
+        tasks = {task_of_run(s.config.to_dict()) for s in specs}
+        if len(tasks) > 1:
+            raise ArrtuneError(
+                "grid: the runs train on different tasks; set eval.task to the one to score, or split the grid"
+            )
+        eval_cfg = resolve_task(eval_cfg, specs[0].config.to_dict())
     for spec in specs:
         if _is_trained(spec):
             print(f"[compare] {spec.name}: trained earlier, training skipped")

@@ -156,7 +156,8 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments
 
-    from arrtune.data.replay import ReplayStream
+    from arrtune.data.replay import MixedReplay, ReplayStream
+    from arrtune.data.self_replay import load_prompts
     from arrtune.data.sft import collate_sft, load_sft_examples
     from arrtune.models import load_model, load_tokenizer
     from arrtune.trainer import ARRSettings, ARRTrainer, MetricsJsonl
@@ -195,16 +196,25 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
             stats.dropped_lines[:3],
         )  # fmt: skip
     kl_coef, replay_ratio = cfg.resolved_kl_coef(), cfg.resolved_replay_ratio()
-    replay = None
-    if replay_ratio > 0:
+    self_share = cfg.resolved_replay_mix() if replay_ratio > 0 else 0.0
+    replay: ReplayStream | MixedReplay | None = None
+    if replay_ratio > 0 and self_share < 1:
         replay = ReplayStream(
             cfg.replay, tokenizer, cfg.replay_text_field, rank=state.process_index, world_size=state.num_processes,
             seed=cfg.seed, hf_config=cfg.replay_config, hf_split=cfg.replay_split,
         )  # fmt: skip
+    prompts = load_prompts(cfg.replay_prompts) if self_share > 0 else []
 
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, cfg.trust_remote_code)
+    self_replay_info: dict[str, Any] = {}
+    if self_share > 0:
+        own = _self_replay_stream(
+            cfg, model, tokenizer, prompts, examples, self_share, state, self_replay_info
+        )
+        replay = own if replay is None else MixedReplay(own, replay, self_share)
     model.config.use_cache = False
+    torch.manual_seed(cfg.seed)
     lora = LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=cfg.target_modules, task_type="CAUSAL_LM",
@@ -298,10 +308,48 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
             "bf16": args.bf16,
             "peak_memory_bytes": _peak_memory(),
             "resumed_from": resume_from,
+            **self_replay_info,
         }
         write_atomic(run_dir / "train_summary.json", json.dumps(summary, indent=2))
     state.wait_for_everyone()
     return run_dir
+
+
+def _self_replay_stream(cfg: TrainConfig, model: Any, tokenizer: Any, prompts: list[str],
+                        examples: list[dict[str, list[int]]], self_share: float, state: Any,
+                        info: dict[str, Any]) -> Any:  # fmt: skip
+    """The base model's answers to the self-replay prompts as a replay stream (generated once, cached; the
+    main process generates first, the other ranks read its cache). ``info`` receives the generation cost."""
+    import math
+
+    from arrtune.data.replay import ReplayStream
+    from arrtune.data.self_replay import (
+        GenerationSettings,
+        cache_path,
+        conversations,
+        generate_answers,
+        token_budget,
+    )
+    from arrtune.models import cache_dir
+
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * state.num_processes
+    steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * len(examples) / per_step)
+    mean_tokens = sum(len(e["input_ids"]) for e in examples) / len(examples)
+    budget = token_budget(mean_tokens, per_step, steps, cfg.resolved_replay_ratio(), self_share)
+    settings = GenerationSettings(cfg.replay_temperature, cfg.replay_top_p, cfg.replay_max_new_tokens)
+    model_key = f"{cfg.model}|{getattr(model.config, '_name_or_path', '')}|{model.num_parameters()}"
+    path = cache_path(cache_dir(), model_key, prompts, settings)
+    with state.main_process_first():
+        rows, seconds = generate_answers(model, tokenizer, prompts, budget, settings, path, cfg.progress_bar)
+    docs = conversations(tokenizer, rows)
+    if len(docs) < state.num_processes:
+        raise ArrtuneError("replay: the base model gave no usable self-replay answers (all empty)")
+    info.update({"self_replay_answers": len(docs), "self_replay_tokens": sum(len(d[0]) for d in docs),
+                 "self_replay_generation_s": seconds, "self_replay_cache": str(path)})  # fmt: skip
+    log.info("self-replay: %d answers, %d tokens (%s, %.0f s generating)", len(docs),
+             info["self_replay_tokens"], path, seconds)  # fmt: skip
+    return ReplayStream("self", tokenizer, rank=state.process_index, world_size=state.num_processes,
+                        seed=cfg.seed, documents=docs)  # fmt: skip
 
 
 def _final_step(checkpoint: str | None) -> int | None:

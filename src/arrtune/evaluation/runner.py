@@ -17,6 +17,8 @@ adapters of one base model computes the base column once. Metric names are flat:
 ``drift/wiki``, ``/books``   mean KL(base || adapted), nats per token, on the passages (pair only)
 ``drift/chat``               the same on the base model's own greedy answers to general questions (pair only)
 ``leak``                     fraction of adapted answers containing task-only words, ``leak_stderr`` (pair only)
+``bleed``                    fraction of adapted answers in the task's form, not the base's (pair only; see
+                             :mod:`arrtune.evaluation.form`), ``bleed_stderr``
 ``task/exact_match``         greedy exact match on held-out task examples, ``..._stderr``
 ``task/loss``                mean NLL (nats per token) of the reference response tokens
 ===========================  =====================================================================
@@ -33,7 +35,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,7 @@ from arrtune.evaluation._common import (
     subset_indices,
 )
 from arrtune.evaluation.benchmarks import benchmark_name, load_benchmark
+from arrtune.evaluation.form import measure_bleed
 from arrtune.evaluation.generation import (
     Answers,
     TaskExample,
@@ -104,12 +107,14 @@ class EvalConfig:
     batch_size: int = 16
     #: seed of every subset; default 0
     seed: int = 0
-    #: the new task: ``builtin:vornish`` (held-out = its test split, leak vocabulary = its train split), a
-    #: ``.jsonl`` file of held-out examples (rows as in training data: prompt/completion, messages, or
-    #: instruction/output), or null to skip; default ``builtin:vornish``
-    task: str | None = "builtin:vornish"
-    #: training data of a ``.jsonl`` task, whose responses define the leak vocabulary (default: none, then the
-    #: held-out responses are used)
+    #: the new task: ``auto`` (the task of the run being evaluated, from its ``config.yaml``: a built-in task's
+    #: held-out split, or its ``task_eval`` file; nothing when the run has neither), ``builtin:vornish`` /
+    #: ``builtin:keywords`` (held-out = the test split, leak and bleed learn from the train split), a ``.jsonl``
+    #: file of held-out examples (rows as in training data: prompt/completion, messages, or
+    #: instruction/output), or null to skip; default ``auto``
+    task: str | None = "auto"
+    #: training data of a ``.jsonl`` task, whose responses define the leak vocabulary and the task form of
+    #: bleed (default: none, then the held-out responses are used; ``auto`` sets it from the run)
     task_train: str | None = None
     #: example answers shown in the report (questions with base / adapted answers); default 3
     n_examples: int = 3
@@ -141,6 +146,28 @@ class EvalConfig:
                     raise ArrtuneError(f"{where} must be >= {minimum}, got {value}")
             kwargs[key] = value
         return cls(**kwargs)
+
+
+def task_of_run(train_config: dict[str, Any]) -> tuple[str | None, str | None]:
+    """``(task, task_train)`` for evaluating a run trained with ``train_config`` (its ``config.yaml``): a
+    built-in task is its own held-out split; otherwise the run's ``task_eval`` file, with its ``data`` file
+    as the task's training responses; ``(None, None)`` when the run has no held-out task data."""
+    data, held_out = train_config.get("data"), train_config.get("task_eval")
+    if isinstance(data, str) and data.startswith("builtin:"):
+        return data, None
+    if held_out:
+        local = isinstance(data, str) and Path(data).expanduser().suffix == ".jsonl"
+        return str(held_out), (data if local else None)
+    return None, None
+
+
+def resolve_task(cfg: EvalConfig, train_config: dict[str, Any] | None) -> EvalConfig:
+    """``cfg`` with ``task: auto`` replaced by the task of the run (:func:`task_of_run`), or by no task when
+    there is no run config (a plain model); other values are kept."""
+    if cfg.task != "auto":
+        return cfg
+    task, task_train = task_of_run(train_config) if train_config else (None, None)
+    return replace(cfg, task=task, task_train=cfg.task_train or task_train)
 
 
 def load_eval_config(path: str | Path) -> EvalConfig:
@@ -209,15 +236,15 @@ def _last_assistant(messages: list[dict[str, str]]) -> str:
 
 def load_task(cfg: EvalConfig, tokenizer) -> tuple[list[TaskExample], list[str]]:
     """Held-out task examples (a fixed-seed subset of ``n_task``) and the training responses for leak."""
-    if not cfg.task or cfg.n_task <= 0:
+    if not cfg.task or cfg.task == "auto" or cfg.n_task <= 0:  # auto without a run: see resolve_task
         return [], []
     if cfg.task.startswith("builtin:"):
-        from arrtune.data.task import make_examples
+        from arrtune.data.task import builtin_task
 
-        if cfg.task != "builtin:vornish":
-            raise ArrtuneError(f"task: unknown built-in task '{cfg.task}' (known: builtin:vornish)")
-        # same split as training (make_examples() defaults: 400 train, then the test phrases)
-        train, test = make_examples(n_test=max(100, cfg.n_task))
+        try:  # same split as training (400 train, then the held-out examples)
+            train, test = builtin_task(cfg.task.split(":", 1)[1], n_test=max(100, cfg.n_task))
+        except ArrtuneError as exc:
+            raise ArrtuneError(f"task: {exc}") from None
         test_msgs = [
             [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]
             for r in test
@@ -435,6 +462,8 @@ def _run(
                 desc="chat/drift",
             )
             metrics["adapted"]["drift/chat"] = stats.mean_kl()
+            hits: list[list[str]] = [[] for _ in questions]
+            bleeds = [0 for _ in questions]
             if train_responses:
                 task_vocab = leak_vocabulary(train_responses, base_ans.texts, general_vocabulary())
                 hits = [leaked_words(t, task_vocab) for t in adapted_ans.texts]
@@ -442,15 +471,25 @@ def _run(
                 rate = mean(leaks)
                 metrics["adapted"].update({"leak": rate, "leak_stderr": binomial_stderr(rate, len(leaks))})
                 result["leak_vocabulary_size"] = len(task_vocab)
-            else:
-                hits = [[] for _ in questions]
-            order = sorted(range(len(questions)), key=lambda i: (not hits[i], i))  # leaking answers first
+                references = [e.reference for e in task_examples]
+                bleed = measure_bleed(train_responses, references, base_ans.texts, adapted_ans.texts)
+                bleeds = bleed.bleeds
+                rate = mean(bleeds)
+                metrics["adapted"].update({"bleed": rate, "bleed_stderr": binomial_stderr(rate, len(bleeds))})
+                result["form_check"] = {
+                    "task_recall": bleed.task_recall,
+                    "base_false_positive": bleed.base_false_positive,
+                }
+                per_item["adapted"].update({"leak": leaks, "bleed": bleeds})
+            # answers that leak or bleed first
+            order = sorted(range(len(questions)), key=lambda i: (not (hits[i] or bleeds[i]), i))
             result["examples"] = [
                 {
                     "question": questions[i],
                     "base": base_ans.texts[i],
                     "adapted": adapted_ans.texts[i],
                     "leaked": hits[i],
+                    "bleeds": bool(bleeds[i]),
                 }
                 for i in order[: max(cfg.n_examples, 0)]
             ]
@@ -462,7 +501,8 @@ def _run(
         out[c] = metrics[c]
     if pair:
         out["delta"] = _delta(metrics["base"], metrics["adapted"], per_item["base"], per_item["adapted"])
-    out.update(result)  # examples, task_examples, leak_vocabulary_size
+    out.update(result)  # examples, task_examples, leak_vocabulary_size, form_check
+    out["per_item"] = per_item  # 0/1 per item and column, to compare runs item by item (paired)
     out["timing"] = {**{c: timing[c] for c in columns}, "parts_s": parts}
     out["config"] = asdict(cfg)
     if not pair:
@@ -594,6 +634,7 @@ def format_table(result: dict[str, Any]) -> str:
         out += "\nseconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timing["parts_s"].items())
     for ex in result.get("examples", []):
         leaked = f"  [leaked: {', '.join(ex['leaked'])}]" if ex.get("leaked") else ""
+        leaked += "  [task form]" if ex.get("bleeds") else ""
         out += f"\n\nQ: {ex['question']}\n  base:    {_one_line(ex['base'])}\n  adapted: {_one_line(ex['adapted'])}{leaked}"
     return out
 
