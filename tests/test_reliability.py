@@ -301,6 +301,8 @@ def _bad_cases(tmp: Path, model: Path, inputs: Path) -> dict[str, tuple[list[str
     shutil.copytree(model, corrupt)
     (corrupt / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:500])
     (tmp / "broken.gguf").write_bytes(b"GGUF\x03\x00\x00\x00 not really")
+    (tmp / "dup.yaml").write_text("max_steps: 2\nlearning_rate: 0.01\nmax_steps: 3\n")
+    (tmp / "one.json").write_text('{\n  "prompt": "a",\n  "completion": "b"\n}\n')
     pickled = tmp / "pickle_model"
     shutil.copytree(model, pickled)
     torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
@@ -342,6 +344,22 @@ def _bad_cases(tmp: Path, model: Path, inputs: Path) -> dict[str, tuple[list[str
         "unknown target module": ([f"data={good}", "target_modules=[not_a_module]"], "config: target_modules=['not_a_module']"),
         "not a run directory": ([f"output_dir={d}/notes"], "exists and is not an arrtune run directory"),
         "output_dir is a file": ([f"output_dir={d}/a_file"], "output_dir exists and is not a directory"),
+        # every field validated (class 1 of the reliability round two)
+        "negative seed": (["seed=-1"], "config: seed=-1 must be in [0, 2**32)"),
+        "negative weight_decay": (["weight_decay=-0.1"], "config: weight_decay=-0.1 must be >= 0"),
+        "negative max_grad_norm": (["max_grad_norm=-1"], "config: max_grad_norm=-1.0 must be >= 0"),
+        "zero save_total_limit": (["save_total_limit=0"], "config: save_total_limit=0 must be >= 1"),
+        "empty target_modules": (["target_modules=[]"], "config: target_modules=[] must be"),
+        "replay_mix above 1": (["replay_mix=2"], "config: replay_mix=2.0 must be in [0, 1]"),
+        "duplicate key in file": ([f"--config={d}/dup.yaml"], "dup.yaml:3: duplicate key 'max_steps' (first at line 1)"),
+        # the environment (class 2)
+        "output_dir under a file": ([f"output_dir={d}/a_file/run"], f"{d}/a_file is a file, not a directory"),
+        # messages that say what is true (class 7)
+        "data is a directory": ([f"data={d}/notes"], "data is a directory, not a file"),
+        "data holds one JSON object": ([f"data={d}/one.json"], "one.json: holds one JSON object"),
+        "replay is a directory": ([f"data={good}", f"replay={d}/notes", "method=replay"], "is a directory, not a file"),
+        "config is a directory": ([f"--config={d}/notes"], "config file expected, this is a directory"),
+        "self-replay prompts missing": ([f"data={good}", "method=arr", "replay=self", f"replay_prompts={d}/nope.txt"], "replay_prompts: file not found"),
     }  # fmt: skip
 
 
@@ -353,6 +371,10 @@ CASE_NAMES = [
     "unknown key", "unknown key in file", "negative kl_coef", "negative replay_ratio", "zero learning rate",
     "negative learning rate", "nan learning rate", "zero rank", "negative rank", "mistyped rank",
     "unknown scheduler", "unknown target module", "not a run directory", "output_dir is a file",
+    "negative seed", "negative weight_decay", "negative max_grad_norm", "zero save_total_limit",
+    "empty target_modules", "replay_mix above 1", "duplicate key in file", "output_dir under a file",
+    "data is a directory", "data holds one JSON object", "replay is a directory",
+    "config is a directory", "self-replay prompts missing",
 ]  # fmt: skip
 
 
@@ -372,6 +394,7 @@ def test_bad_input_is_one_error_line_and_writes_nothing(
     values = [o for o in overrides if not o.startswith("--")]
     base = [f"model={tiny_model_dir}", f"output_dir={out}", "method=sft", "max_steps=2", "progress_bar=false"]
     watched = [Path(v.split("=", 1)[1]) for v in values if v.startswith("output_dir=")]
+    watched = [p for p in watched if p.exists()]
     before = {p: snapshot(p) if p.is_dir() else p.read_bytes() for p in watched}
     assert main(["train", *options, *base, *values]) == 2
     line = error_line(capsys.readouterr().err)
@@ -499,3 +522,263 @@ def test_fuzzed_config_files_give_a_config_or_an_arrtune_error(blob: bytes, tmp_
     path = tmp_path / "fuzz.yaml"
     path.write_bytes(blob)
     _outcome(lambda: load_config(path))
+
+
+# -- round two: one section per class of fault -----------------------------------------------------------
+# 1. every value validated before anything is touched
+
+
+FIELD_VALUES = st.one_of(
+    st.integers(min_value=-(2**40), max_value=2**40), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12), st.booleans(), st.none(), st.lists(st.text(max_size=5), max_size=3),
+)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from([f.name for f in TrainConfig.__dataclass_fields__.values()]), value=FIELD_VALUES)
+def test_any_value_of_any_field_is_a_config_or_one_error_before_anything_is_read(
+    field, value, tmp_path
+) -> None:
+    """Every field with arbitrary values: validation and the TrainingArguments built from the config either
+    pass or raise ArrtuneError (which the CLI prints as one line); nothing else escapes."""
+    from arrtune.recipe import training_arguments
+
+    item = f"{field}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+    try:
+        cfg = load_config(None, [item, f"output_dir={tmp_path / 'r'}"])
+        training_arguments(cfg, tmp_path / "r")
+    except ArrtuneError:
+        pass
+    assert not (tmp_path / "r").exists()
+
+
+def test_overwrite_with_a_bad_value_keeps_the_earlier_run(full_run: Path, tiny_model_dir: Path, inputs: Path,
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    run = copy_run(full_run, tmp_path / "earlier")
+    before = snapshot(run)
+    for bad in ("seed=-1", "weight_decay=-0.5"):
+        args = train_args(tiny_model_dir, inputs, run, **dict([bad.split("=")]))
+        done = subprocess.run([sys.executable, "-m", "arrtune", "train", "--overwrite", *args], capture_output=True,
+                              text=True, timeout=300, env=ENV)  # fmt: skip
+        assert done.returncode == 2 and bad.split("=")[0] in error_line(done.stderr)
+        assert [line for line in done.stderr.splitlines() if line.strip()] == [error_line(done.stderr)]
+    assert snapshot(run) == before
+
+
+def test_yaml_with_a_byte_order_mark_and_duplicate_keys_in_nested_grid_mappings(tmp_path: Path) -> None:
+    from arrtune.config import read_yaml_mapping
+
+    (tmp_path / "bom.yaml").write_bytes(b"\xef\xbb\xbfmax_steps: 3\n")
+    assert load_config(tmp_path / "bom.yaml").max_steps == 3
+    (tmp_path / "grid.yaml").write_text("base:\n  seed: 1\n  lora_r: 4\n  seed: 2\nruns: []\n")
+    with pytest.raises(ArrtuneError, match=r"grid.yaml:4: duplicate key 'seed' \(first at line 2\)"):
+        read_yaml_mapping(tmp_path / "grid.yaml", "grid", "a mapping")
+
+
+# 2. the environment: read-only or impossible locations get one line before the model is loaded
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path):
+    """A read-only file system (a tmpfs mounted ro): as root, chmod would not stop writes."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_read_only_output_and_cache_are_one_line_before_loading(read_only_dir: Path, tiny_model_dir: Path,
+                                                                 inputs: Path, tmp_path: Path, capsys,
+                                                                 monkeypatch) -> None:  # fmt: skip
+    monkeypatch.setenv("ARRTUNE_CACHE", str(tmp_path / "cache"))
+    base = [f"model={tiny_model_dir}", f"data={inputs / 'sft.jsonl'}", "method=sft", "max_steps=1"]
+    assert main(["train", *base, f"output_dir={read_only_dir / 'run'}"]) == 2
+    assert "read-only file system" in error_line(capsys.readouterr().err)
+    monkeypatch.setenv("ARRTUNE_CACHE", str(read_only_dir / "cache"))
+    assert main(["train", *base, f"output_dir={tmp_path / 'run'}"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert f"{read_only_dir / 'cache'}: cannot write there" in line and not (tmp_path / "run").exists()
+
+
+def test_no_home_directory_still_trains_or_says_what_to_set(tiny_model_dir: Path, inputs: Path,
+                                                            tmp_path: Path) -> None:  # fmt: skip
+    env = {k: v for k, v in ENV.items() if k not in ("HOME", "ARRTUNE_CACHE")}
+    env["HF_HOME"] = str(tmp_path / "hf")
+    cmd = [sys.executable, "-m", "arrtune", "train", f"model={tiny_model_dir}", f"data={inputs / 'sft.jsonl'}",
+           "method=sft", "max_steps=1", f"output_dir={tmp_path / 'run'}", "progress_bar=false"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert "Traceback" not in done.stderr
+    assert done.returncode == 0 or "set ARRTUNE_CACHE" in error_line(done.stderr)
+
+
+# 3. a checkpoint is complete only if it matches its manifest
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_cuts_nothing_first(full_run: Path, tiny_model_dir: Path,
+                                                                     inputs: Path, tmp_path: Path,
+                                                                     caplog) -> None:  # fmt: skip
+    res = copy_run(full_run, tmp_path / "res")
+    shutil.rmtree(res / "adapter")
+    (res / "train_summary.json").unlink()
+    ck = res / "checkpoints"
+    for step in (16, 20, 22):
+        shutil.rmtree(ck / f"checkpoint-{step}")
+    optimizer = ck / "checkpoint-12" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # truncated
+    adapter = ck / "checkpoint-8" / "adapter_model.safetensors"
+    data = bytearray(adapter.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    adapter.write_bytes(bytes(data))
+    assert last_complete_checkpoint(ck, True) == str(ck / "checkpoint-4")
+    assert "optimizer.pt has 100 bytes" in caplog.text and "adapter_model.safetensors differs" in caplog.text
+
+    metrics_before = (res / "metrics.jsonl").read_text()
+    assert json.loads(metrics_before.splitlines()[-1])["step"] > 4
+    with caplog.at_level(logging.INFO, logger="arrtune"):
+        train(load_config(None, train_args(tiny_model_dir, inputs, res)))
+    assert f"resuming from {ck / 'checkpoint-4'}" in caplog.text
+    assert adapter_diff(full_run / "adapter", res / "adapter") <= 1e-6
+    assert_same_steps(full_run, res, 22)
+    assert all((ck / f"checkpoint-{s}" / "manifest.json").is_file() for s in (12, 16, 20, 22))
+
+
+# 4. one process per output directory (and per grid, and per GGUF conversion)
+
+
+def test_second_train_on_the_same_output_dir_is_refused_naming_the_first(tiny_model_dir: Path, inputs: Path,
+                                                                         tmp_path: Path) -> None:  # fmt: skip
+    out = tmp_path / "run"
+    args = train_args(tiny_model_dir, inputs, out, max_steps=100000, save_steps=0, method="sft")
+    cmd = [sys.executable, "-m", "arrtune", "train", *args]
+    with (tmp_path / "first.log").open("w") as log_file:
+        first = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=ENV)
+        try:
+            deadline = time.monotonic() + 240
+            while not (out / "metrics.jsonl").is_file():
+                assert first.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+            assert second.returncode == 2
+            assert f"is in use by pid {first.pid}" in error_line(second.stderr)
+            assert first.poll() is None  # the first run is untouched
+        finally:
+            first.kill()
+            first.wait(timeout=60)
+
+
+def test_grid_lock_and_waiting_lock(tmp_path: Path) -> None:
+    import threading
+
+    from arrtune.checkpoint import hold_lock, release_lock, waiting_lock
+
+    lock = tmp_path / "grid" / ".arrtune.lock"
+    lock.parent.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from arrtune.checkpoint import hold_lock; "
+                               f"hold_lock({str(lock)!r}, 'x'); print('held', flush=True); time.sleep(30)"],
+                              stdout=subprocess.PIPE, text=True, env=ENV)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ArrtuneError, match=f"grid: this comparison is in use by pid {holder.pid}"):
+            hold_lock(lock, "grid: this comparison")
+    finally:
+        holder.kill()
+        holder.wait()
+    hold_lock(lock, "grid")  # free again once its holder is gone
+    release_lock(lock)
+
+    order: list[str] = []
+    entered = threading.Event()
+
+    def first() -> None:
+        with waiting_lock(tmp_path / "conv.lock"):
+            entered.set()
+            time.sleep(0.3)
+            order.append("first done")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    entered.wait(10)
+    with waiting_lock(tmp_path / "conv.lock"):
+        order.append("second in")
+    thread.join()
+    assert order == ["first done", "second in"]
+
+
+# 5. eval checks everything first and follows the adapter
+
+
+def test_eval_refuses_bad_names_before_loading_and_uses_the_adapters_base(tiny_model_dir: Path, tmp_path: Path,
+                                                                          capsys) -> None:  # fmt: skip
+    from arrtune.testing import build_tiny_model
+
+    missing_model = str(tmp_path / "no-such-model")
+    small = ["n_per_benchmark=2", "n_text=1", "max_text_tokens=16", "n_questions=2", "max_new_tokens=2", "n_task=2",
+             "--no-progress"]  # fmt: skip
+    for extra, fragment in (
+        (["benchmarks=[arc_easy, no_such_bench]"], "unknown benchmark 'no_such_bench'"),
+        ([f"task={tmp_path}/missing.jsonl"], "task: cannot read"),
+        ([f"task={tmp_path}"], "is a directory, not a file"),
+        (["--output", str(tmp_path)], "is a directory, not a file"),
+    ):
+        assert main(["eval", "--model", missing_model, *extra, *small]) == 2
+        assert fragment in error_line(capsys.readouterr().err)  # not the missing model: checked first
+
+    run = tmp_path / "run"
+    assert main(["train", f"model={tiny_model_dir}", f"output_dir={run}", "method=sft", "max_steps=1",
+                 "progress_bar=false"]) == 0  # fmt: skip
+    assert main(["eval", "--adapter", str(run / "adapter"), "benchmarks=[arc_easy]", *small]) == 0
+    assert json.loads((run / "eval.json").read_text())["mode"] == "pair"
+    other = build_tiny_model(tmp_path / "other", hidden_size=48)
+    capsys.readouterr()
+    assert (
+        main(["eval", "--model", str(other), "--adapter", str(run / "adapter"), "benchmarks=[]", *small]) == 2
+    )
+    assert "this adapter was trained on" in error_line(capsys.readouterr().err)
+
+
+# 6. interrupts say what happens next
+
+
+@pytest.mark.parametrize("save_steps", [0, 2])
+def test_ctrl_c_says_whether_and_how_to_resume(save_steps: int, tiny_model_dir: Path, inputs: Path,
+                                               tmp_path: Path) -> None:  # fmt: skip
+    out = tmp_path / "run"
+    args = train_args(tiny_model_dir, inputs, out, max_steps=100000, save_steps=save_steps, method="sft")
+    proc = subprocess.Popen([sys.executable, "-m", "arrtune", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (out / "metrics.jsonl").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    if save_steps:
+        assert "resume from the last checkpoint with the same command: arrtune train" in stderr
+    else:
+        assert "nothing can be resumed" in stderr and "save_steps=N" in stderr
+
+
+# 7. messages say what is true; nothing comes before the error line
+
+
+def test_error_after_model_loading_bars_is_the_only_output(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # the model loads (transformers draws its loading bar), then the LoRA target is refused
+    done = subprocess.run([sys.executable, "-m", "arrtune", "train", f"model={tiny_model_dir}", "method=sft",
+                           "target_modules=[not_a_module]", f"output_dir={tmp_path}/r"],
+                          capture_output=True, text=True, timeout=300, env=ENV)  # fmt: skip
+    assert done.returncode == 2
+    assert [line for line in done.stderr.splitlines() if line.strip()] == [error_line(done.stderr)]
+
+
+def test_data_files_with_a_byte_order_mark_load(tiny_tokenizer, tmp_path: Path) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "completion": "b"}\n')
+    examples, stats = load_sft_examples(str(path), tiny_tokenizer, 64)
+    assert stats.n_kept == 1 and examples

@@ -20,6 +20,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from arrtune.recipe import train
 
     cfg = load_config(args.config, args.overrides)
+    args.resumable = cfg.save_steps > 0  # what an interrupt can tell the user
     run_dir = train(cfg, overwrite=args.overwrite)
     # under torchrun / accelerate launch only the main process says it
     if os.environ.get("RANK", "0") == "0":
@@ -33,6 +34,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from arrtune.config import parse_override, read_yaml_mapping
     from arrtune.evaluation import (
         EvalConfig,
+        check_eval_inputs,
         evaluate_model_pair,
         evaluate_single,
         format_table,
@@ -55,22 +57,52 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if saved.is_file():
             run_config = read_yaml_mapping(saved, "run config", "a mapping of config keys")
     cfg = resolve_task(cfg, run_config)
+    check_eval_inputs(cfg)
+    output = Path(args.output or (Path(args.adapter).parent / "eval.json" if args.adapter else "eval.json"))
+    if output.is_dir():
+        raise ArrtuneError(f"--output {output}: is a directory, not a file")
+    if output.parent.exists() and not output.parent.is_dir():
+        raise ArrtuneError(f"--output {output}: {output.parent} is a file, not a directory")
+    model_spec = args.model or (adapter_base(args.adapter) if args.adapter else DEFAULT_MODEL)
     if data.get("task", "auto") == "auto":
         print(f"task: {cfg.task or 'none (set task=FILE or, in training, task_eval)'}", file=sys.stderr)
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model)
+    tokenizer = load_tokenizer(model_spec)
+    model = load_model(model_spec)
     if args.adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except RuntimeError as exc:  # size mismatch: the adapter belongs to another base model
+            raise ArrtuneError(
+                f"{adapter}: this adapter was trained on '{adapter_base(args.adapter)}', whose shapes differ "
+                f"from '{model_spec}'; omit --model to use the adapter's own base"
+            ) from exc
         result = evaluate_model_pair(model, tokenizer, cfg, progress=not args.no_progress)
     else:
         result = evaluate_single(model, tokenizer, cfg, progress=not args.no_progress)
-    output = Path(args.output or (Path(args.adapter).parent / "eval.json" if args.adapter else "eval.json"))
     write_eval_json(result, output)
     print(format_table(result))
     print(f"\nwrote {output}")
     return 0
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def adapter_base(adapter: str) -> str:
+    """The base model an adapter directory names (``base_model_name_or_path`` in its adapter_config.json)."""
+    import json
+    from pathlib import Path
+
+    path = Path(adapter) / "adapter_config.json"
+    try:
+        base = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ArrtuneError(f"{path}: unreadable adapter config ({exc})") from exc
+    if not isinstance(base, str) or not base:
+        raise ArrtuneError(f"{path}: names no base model (base_model_name_or_path); pass --model")
+    return base
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -133,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="measure retention and plasticity of a model, or of a base + adapter pair"
     )
     p.add_argument(
-        "--model", default="smollm2-135m-instruct", help="model spec (default: smollm2-135m-instruct)"
+        "--model",
+        help="model spec (default: the adapter's own base model with --adapter, else smollm2-135m-instruct)",
     )
     p.add_argument("--adapter", help="PEFT adapter directory: evaluates base and adapted model side by side")
     p.add_argument("--config", help="eval YAML (EvalConfig fields)")
@@ -171,21 +204,50 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        # loading bars of transformers / the Hub would come before a one-line error; training keeps its own
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         import warnings
 
         warnings.filterwarnings("ignore")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
     except ArrtuneError as exc:
         if args.debug:
             raise
-        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(f"arrtune: error: {message}", file=sys.stderr)
-        return 2
+        return _error(str(exc))
+    except OSError as exc:  # the environment: disk full, read-only file system, no permission, ...
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _error(f"{where}{exc.strerror or exc}")
     except KeyboardInterrupt:
-        print("arrtune: interrupted", file=sys.stderr)
+        print(f"arrtune: interrupted; {_after_interrupt(args, argv)}", file=sys.stderr)
         return 130
+
+
+def _error(message: str) -> int:
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    print(f"arrtune: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _after_interrupt(args: argparse.Namespace, argv: list[str] | None) -> str:
+    """What an interrupted command leaves, and how to go on."""
+    import shlex
+
+    again = "arrtune " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    if args.command == "train":
+        if getattr(args, "resumable", False):
+            return f"resume from the last checkpoint with the same command: {again}"
+        return ("nothing can be resumed (save_steps is 0, so no checkpoint was written); set save_steps=N "
+                "to make a run resumable")  # fmt: skip
+    if args.command in ("compare", "demo"):
+        return f"finished runs are kept; the same command goes on where it stopped: {again}"
+    return "nothing was written"
 
 
 if __name__ == "__main__":

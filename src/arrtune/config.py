@@ -226,7 +226,28 @@ class TrainConfig:
             ("logging_steps", self.logging_steps > 0, "> 0"),
             ("save_steps", self.save_steps >= 0, ">= 0"),
             ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("max_grad_norm", self.max_grad_norm >= 0, ">= 0"),
+            ("seed", 0 <= self.seed < 2**32, "in [0, 2**32)"),
+            ("save_total_limit", self.save_total_limit >= 1, ">= 1"),
+            ("num_train_epochs", self.num_train_epochs >= 0, ">= 0"),
+            ("max_steps", self.max_steps < 2**31, "< 2**31"),
+            ("lora_r", self.lora_r < 2**16, "< 65536"),
         ]
+        for key in (
+            "model",
+            "data",
+            "data_split",
+            "replay",
+            "replay_split",
+            "replay_text_field",
+            "output_dir",
+        ):
+            if not str(getattr(self, key)).strip():
+                checks.append((key, False, "a non-empty string"))
+        targets = self.target_modules
+        if not targets or (isinstance(targets, list) and not all(isinstance(t, str) and t for t in targets)):
+            checks.append(("target_modules", False, "'all-linear' or a non-empty list of module names"))
         for key, ok, rule in checks:
             if not ok:
                 raise ArrtuneError(f"config: {key}={getattr(self, key)!r} must be {rule}")
@@ -300,16 +321,46 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+class _DuplicateKey(Exception):
+    """(key, line, first line) of a key given twice in one YAML mapping."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                break
+            if first is not None:
+                raise _DuplicateKey(key, line, first)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_mapping(path: str | os.PathLike, kind: str, expected: str) -> dict[str, Any]:
     """A YAML file that must hold a mapping (empty file = ``{}``); errors name the file and line.
 
     ``kind`` names the file in errors ("config", "grid", ...); ``expected`` describes the mapping.
     """
     p = Path(path)
+    if p.is_dir():
+        raise ArrtuneError(f"{p}: {kind} file expected, this is a directory")
     if not p.is_file():
         raise ArrtuneError(f"{p}: {kind} file not found")
     try:
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        loaded = yaml.load(p.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader)  # noqa: S506 (safe)
+    except OSError as exc:
+        raise ArrtuneError(f"{p}: cannot read ({exc.strerror or exc})") from exc
+    except _DuplicateKey as exc:
+        raise ArrtuneError(
+            f"{p}:{exc.args[1]}: duplicate key '{exc.args[0]}' (first at line {exc.args[2]})"
+        ) from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""

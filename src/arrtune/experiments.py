@@ -185,8 +185,10 @@ def run_grid(grid: GridConfig, progress: bool = True, debug: bool = False) -> Pa
     """Train and evaluate every run of the grid (skipping finished ones), then write the report."""
     from peft import PeftModel
 
+    from arrtune.checkpoint import LOCK_NAME, hold_lock
     from arrtune.evaluation import (
         EvalConfig,
+        check_eval_inputs,
         evaluate_model_pair,
         evaluate_single,
         resolve_task,
@@ -198,7 +200,6 @@ def run_grid(grid: GridConfig, progress: bool = True, debug: bool = False) -> Pa
 
     specs = expand_runs(grid)
     out = Path(grid.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     eval_cfg = EvalConfig.from_dict(grid.eval, "grid: eval")
     if eval_cfg.task == "auto":
         tasks = {task_of_run(s.config.to_dict()) for s in specs}
@@ -207,6 +208,11 @@ def run_grid(grid: GridConfig, progress: bool = True, debug: bool = False) -> Pa
                 "grid: the runs train on different tasks; set eval.task to the one to score, or split the grid"
             )
         eval_cfg = resolve_task(eval_cfg, specs[0].config.to_dict())
+    check_eval_inputs(eval_cfg)
+    if out.exists() and not out.is_dir():
+        raise ArrtuneError(f"{out}: output_dir exists and is a file, not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    hold_lock(out / LOCK_NAME, f"{out}: this comparison")  # one compare per grid directory
     for spec in specs:
         if _is_trained(spec):
             print(f"[compare] {spec.name}: trained earlier, training skipped")

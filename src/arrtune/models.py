@@ -43,7 +43,15 @@ BUILTIN_MODELS: dict[str, tuple[str, str]] = {
 
 def cache_dir() -> Path:
     """Root of arrtune's cache: ``$ARRTUNE_CACHE`` or ``~/.cache/arrtune``."""
-    return Path(os.environ.get("ARRTUNE_CACHE", Path.home() / ".cache" / "arrtune")).expanduser()
+    if os.environ.get("ARRTUNE_CACHE"):
+        return Path(os.environ["ARRTUNE_CACHE"]).expanduser()
+    try:
+        home = Path.home()
+    except (RuntimeError, KeyError) as exc:
+        raise ArrtuneError(
+            "no home directory (HOME is not set): set ARRTUNE_CACHE to a writable directory"
+        ) from exc
+    return home / ".cache" / "arrtune"
 
 
 def builtin_gguf_path(alias: str) -> Path:
@@ -116,7 +124,12 @@ def resolve_model_path(spec: str) -> str:
             )
         return spec
     if not (target / "config.json").is_file():
-        _convert_gguf(gguf, target)
+        from arrtune.checkpoint import waiting_lock
+
+        # one conversion at a time per target: a second process waits, then finds the converted model
+        with waiting_lock(cache_dir() / "locks" / f"{target.name}.lock"):
+            if not (target / "config.json").is_file():
+                _convert_gguf(gguf, target)
     return str(target)
 
 

@@ -27,6 +27,13 @@ import torch
 import yaml
 
 from arrtune.atomic import write_atomic
+from arrtune.checkpoint import (  # noqa: F401  (CHECKPOINT_FILES: re-exported)
+    CHECKPOINT_FILES,
+    LOCK_NAME,
+    hold_lock,
+    last_complete_checkpoint,
+    release_lock,
+)
 from arrtune.config import TrainConfig, dump_yaml_atomic
 from arrtune.errors import ArrtuneError
 
@@ -55,9 +62,6 @@ def use_bf16(precision: str) -> bool:
 
 #: config keys that do not change what is trained: a run may be resumed with another value
 COSMETIC_KEYS = ("progress_bar",)
-#: files every resumable checkpoint holds (plus ``rng_state*.pth``, and the replay position when replay is on)
-CHECKPOINT_FILES = ("trainer_state.json", "adapter_config.json", "adapter_model.safetensors", "optimizer.pt",
-                    "scheduler.pt")  # fmt: skip
 
 
 def _config_diff(previous: Any, resolved: dict[str, Any]) -> list[str]:
@@ -65,25 +69,6 @@ def _config_diff(previous: Any, resolved: dict[str, Any]) -> list[str]:
     previous = previous if isinstance(previous, dict) else {}
     keys = (set(previous) | set(resolved)) - set(COSMETIC_KEYS)
     return sorted(str(k) for k in keys if previous.get(k) != resolved.get(k))
-
-
-def last_complete_checkpoint(root: str | os.PathLike, needs_replay: bool) -> str | None:
-    """The newest ``checkpoint-N`` under ``root`` holding every file a resume reads; incomplete ones are skipped."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    found = [(int(p.name.split("-")[1]), p) for p in root.iterdir()
-             if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]  # fmt: skip
-    for _, path in sorted(found, reverse=True):
-        missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
-        if not any(path.glob("rng_state*.pth")):
-            missing.append("rng_state.pth")
-        if needs_replay and not (path / "replay_state_rank0.json").is_file():
-            missing.append("replay_state_rank0.json")
-        if not missing:
-            return str(path)
-        log.warning("ignoring incomplete checkpoint %s (missing %s)", path, ", ".join(missing))
-    return None
 
 
 def _plan_run_dir(cfg: TrainConfig, overwrite: bool) -> tuple[Path, str | None, bool]:
@@ -114,7 +99,7 @@ def _plan_run_dir(cfg: TrainConfig, overwrite: bool) -> tuple[Path, str | None, 
             return run_dir, None, True
         last = last_complete_checkpoint(run_dir / "checkpoints", cfg.resolved_replay_ratio() > 0)
         return run_dir, last, False
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+    if run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir()) and not overwrite:
         raise ArrtuneError(
             f"{run_dir}: exists and is not an arrtune run directory; pass --overwrite to reuse it"
         )
@@ -122,10 +107,9 @@ def _plan_run_dir(cfg: TrainConfig, overwrite: bool) -> tuple[Path, str | None, 
 
 
 def _init_run_dir(run_dir: Path, cfg: TrainConfig, resume_from: str | None) -> None:
-    """On the main process: a fresh run clears earlier outputs and records its config; a resume only drops
-    the metrics logged after its checkpoint."""
+    """On the main process: a fresh run clears earlier outputs and records its config; a resume changes
+    nothing here (the metrics logged after its checkpoint are dropped once the checkpoint has loaded)."""
     if resume_from:
-        _truncate_metrics(run_dir / "metrics.jsonl", int(Path(resume_from).name.rsplit("-", 1)[1]))
         return
     for name in ("adapter", "checkpoints", "metrics.jsonl", "train_summary.json", "eval.json"):
         target = run_dir / name
@@ -149,12 +133,69 @@ def _save_adapter_atomic(model: Any, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def training_arguments(cfg: TrainConfig, run_dir: Path) -> Any:
+    """The ``transformers.TrainingArguments`` of a run (built before anything is read or written, so that a
+    value transformers refuses fails first, as one error line)."""
+    from transformers import TrainingArguments
+
+    try:
+        return TrainingArguments(
+            output_dir=str(run_dir / "checkpoints"),
+            max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
+            num_train_epochs=cfg.num_train_epochs,
+            per_device_train_batch_size=cfg.per_device_train_batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            learning_rate=cfg.learning_rate,
+            lr_scheduler_type=cfg.lr_scheduler_type,
+            warmup_steps=cfg.warmup_steps,
+            weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.max_grad_norm,
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            bf16=use_bf16(cfg.precision),
+            logging_steps=cfg.logging_steps,
+            save_strategy="steps" if cfg.save_steps > 0 else "no",
+            save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
+            save_total_limit=cfg.save_total_limit,
+            report_to="none",
+            remove_unused_columns=False,
+            label_names=["labels"],
+            disable_tqdm=not cfg.progress_bar,
+            dataloader_num_workers=0,
+            use_cpu=not torch.cuda.is_available(),
+            ddp_find_unused_parameters=False,
+        )
+    except ValueError as exc:
+        raise ArrtuneError(f"config: {exc}") from exc
+
+
+def check_writable(directory: Path) -> None:
+    """Raise ``ArrtuneError`` unless ``directory`` is, or can be created as, a writable directory (checked
+    before the model is loaded: a read-only file system, a file in the path, no permission)."""
+    probe = directory
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ArrtuneError(f"{directory}: cannot be created, {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        reason = "read-only file system" if _read_only(probe) else "no permission to write"
+        raise ArrtuneError(f"{directory}: cannot write there ({probe}: {reason})")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
     """Train one LoRA adapter with the ARR loss; returns the run directory."""
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
     from peft import LoraConfig, get_peft_model
-    from transformers import TrainingArguments
 
     from arrtune.data.replay import MixedReplay, ReplayStream
     from arrtune.data.self_replay import load_prompts
@@ -185,6 +226,12 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
         )
         return run_dir
 
+    args = training_arguments(cfg, run_dir)
+    if state.is_main_process:
+        check_writable(run_dir)
+        from arrtune.models import cache_dir
+
+        check_writable(cache_dir())
     # read every input before writing anything, so that bad input leaves the run directory as it was
     with state.main_process_first():  # a GGUF model is converted once, by the main process
         tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
@@ -224,37 +271,13 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
     except ValueError as exc:
         raise ArrtuneError(f"config: target_modules={cfg.target_modules!r}: {exc}") from exc
 
-    args = TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"),
-        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
-        num_train_epochs=cfg.num_train_epochs,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=use_bf16(cfg.precision),
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps" if cfg.save_steps > 0 else "no",
-        save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
-        save_total_limit=cfg.save_total_limit,
-        report_to="none",
-        remove_unused_columns=False,
-        label_names=["labels"],
-        disable_tqdm=not cfg.progress_bar,
-        dataloader_num_workers=0,
-        use_cpu=not torch.cuda.is_available(),
-        ddp_find_unused_parameters=False,
-    )
     settings = ARRSettings(
         kl_coef=kl_coef, kl_direction=cfg.kl_direction, kl_on=cfg.resolved_kl_on(), kl_mask_target=cfg.kl_mask_target,
         kl_topk=cfg.kl_topk, loss_chunk_rows=cfg.loss_chunk_rows, kl_every=cfg.kl_every, kl_fraction=cfg.kl_fraction, replay_ratio=replay_ratio, replay_weight=cfg.replay_weight,
     )  # fmt: skip
     if state.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        hold_lock(run_dir / LOCK_NAME, f"{run_dir}: this run directory")  # until this process ends
         _init_run_dir(run_dir, cfg, resume_from)
     state.wait_for_everyone()
     trainer = ARRTrainer(
@@ -263,7 +286,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
         train_dataset=examples,
         data_collator=lambda batch: collate_sft(batch, tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[MetricsJsonl(run_dir / "metrics.jsonl")],
+        callbacks=[MetricsJsonl(run_dir / "metrics.jsonl", after_resume=_checkpoint_step(resume_from))],
         arr=settings,
         replay=replay,
     )
@@ -311,6 +334,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
             **self_replay_info,
         }
         write_atomic(run_dir / "train_summary.json", json.dumps(summary, indent=2))
+        release_lock(run_dir / LOCK_NAME)
     state.wait_for_everyone()
     return run_dir
 
@@ -364,20 +388,8 @@ def _final_step(checkpoint: str | None) -> int | None:
     return step if last > 0 and step >= last else None
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after the checkpoint we resume from (they will be logged again), and a last line
-    cut short by a killed process."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
-            kept.append(line)
-    write_atomic(path, "".join(line + "\n" for line in kept))
+def _checkpoint_step(checkpoint: str | None) -> int | None:
+    return None if checkpoint is None else int(Path(checkpoint).name.rsplit("-", 1)[1])
 
 
 def _peak_memory() -> int:

@@ -37,6 +37,7 @@ from accelerate.utils import DistributedType, gather_object
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
+from arrtune.checkpoint import truncate_metrics, write_manifest
 from arrtune.data.replay import ReplayStream
 from arrtune.errors import ArrtuneError
 from arrtune.losses import IGNORE_INDEX, KLTerm, default_chunk_rows, head_losses
@@ -395,6 +396,8 @@ class ARRTrainer(Trainer):
                     path = Path(staging, name, REPLAY_STATE.format(rank=state["rank"]))
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(state))
+        if self.args.should_save:
+            write_manifest(os.path.join(staging, name))  # last: a checkpoint with a valid manifest is whole
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             final = os.path.join(root, name)
@@ -429,10 +432,17 @@ def _n_targets(labels: torch.Tensor) -> int:
 
 
 class MetricsJsonl(TrainerCallback):
-    """Append every log record (with its step) to ``metrics.jsonl`` on the main process."""
+    """Append every log record (with its step) to ``metrics.jsonl`` on the main process. When resuming
+    (``after_resume`` = the checkpoint's step), the records logged after that step are dropped once the
+    checkpoint has loaded (they will be logged again), not before."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, after_resume: int | None = None) -> None:
         self.path = Path(path)
+        self.after_resume = after_resume
+
+    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[override]
+        if self.after_resume is not None and state.is_world_process_zero:
+            truncate_metrics(self.path, self.after_resume)
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[override]
         if state.is_world_process_zero and logs:

@@ -10,10 +10,12 @@ from arrtune.errors import ArrtuneError
 
 
 def read_utf8(path: str | Path) -> str:
-    """The file's text; a missing file or non-UTF-8 bytes raise ``ArrtuneError`` naming ``path:line``."""
+    """The file's text (UTF-8, with or without a byte-order mark); a directory, a missing file or non-UTF-8 bytes raise ``ArrtuneError`` naming ``path:line``."""
     path = Path(path)
+    if path.is_dir():
+        raise ArrtuneError(f"{path}: is a directory, not a file")
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is accepted and dropped
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
         raise ArrtuneError(f"{path}:{line}: not valid UTF-8 ({exc.reason})") from exc

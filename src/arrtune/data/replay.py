@@ -34,6 +34,8 @@ def _local_texts(source: str, text_field: str) -> list[str]:
 
         return list(replay_texts())
     path = Path(source).expanduser()
+    if path.is_dir():
+        raise ArrtuneError(f"replay: {source} is a directory, not a file")
     if not path.is_file():
         raise ArrtuneError(f"replay: file not found: {source}")
     if path.suffix == ".parquet":

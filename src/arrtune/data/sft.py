@@ -16,6 +16,7 @@ the response and teach the model to stop mid-answer).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,8 @@ def _read_rows(source: str, split: str) -> list[tuple[str, dict]]:
         return [(f"{source}[{i}]", r) for i, r in enumerate(rows)]
     path = Path(source).expanduser()
     if path.suffix in {".jsonl", ".json", ".parquet"} or path.exists():
+        if path.is_dir():
+            raise ArrtuneError(f"{source}: data is a directory, not a file")
         if not path.is_file():
             raise ArrtuneError(f"{source}: data file not found")
         if path.stat().st_size == 0:
@@ -86,6 +89,16 @@ def _read_file(path: Path) -> list[tuple[str, dict]]:
             if not all(isinstance(r, dict) for r in rows):
                 raise ArrtuneError(f"{path}: expected a JSON list of objects")
             return [(f"{path} item {i + 1}", r) for i, r in enumerate(rows)]
+        if text.lstrip().startswith("{") and "\n" in text.strip():
+            try:
+                whole = json.loads(text)
+            except json.JSONDecodeError:
+                whole = None
+            if isinstance(whole, dict):
+                raise ArrtuneError(
+                    f"{path}: holds one JSON object; expected a JSON array of examples or JSON Lines (one "
+                    "example per line)"
+                )
     out = read_jsonl(path)
     if not out:
         raise ArrtuneError(f"{path}: no examples (the file holds only blank lines)")

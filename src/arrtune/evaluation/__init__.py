@@ -5,6 +5,7 @@ from arrtune.evaluation.benchmarks import BENCHMARKS, MCItem, load_benchmark, lo
 from arrtune.evaluation.runner import (
     DEFAULT_BENCHMARKS,
     EvalConfig,
+    check_eval_inputs,
     evaluate,
     evaluate_model_pair,
     evaluate_single,
@@ -21,6 +22,7 @@ __all__ = [
     "BENCHMARKS",
     "DEFAULT_BENCHMARKS",
     "EvalConfig",
+    "check_eval_inputs",
     "MCItem",
     "MCResult",
     "evaluate",

@@ -170,20 +170,31 @@ def resolve_task(cfg: EvalConfig, train_config: dict[str, Any] | None) -> EvalCo
     return replace(cfg, task=task, task_train=cfg.task_train or task_train)
 
 
+def check_eval_inputs(cfg: EvalConfig) -> None:
+    """Read every benchmark and task file ``cfg`` names (no model needed), so that a bad name or file fails
+    in seconds, before a model is loaded and scored; raises ``ArrtuneError``."""
+    for spec in cfg.benchmarks:
+        load_benchmark(spec, cfg.n_per_benchmark, cfg.seed)
+    if cfg.task and cfg.task != "auto" and cfg.n_task > 0:
+        if cfg.task.startswith("builtin:"):
+            from arrtune.data.task import builtin_task
+
+            try:
+                builtin_task(cfg.task.split(":", 1)[1])
+            except ArrtuneError as exc:
+                raise ArrtuneError(f"task: {exc}") from None
+        else:
+            _read_task_rows(cfg.task, "task")
+            if cfg.task_train:
+                _read_task_rows(cfg.task_train, "task_train")
+
+
 def load_eval_config(path: str | Path) -> EvalConfig:
     """Read an ``eval.yaml`` (a mapping of :class:`EvalConfig` fields)."""
-    import yaml
+    from arrtune.config import read_yaml_mapping
 
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ArrtuneError(f"{path}: cannot read eval config ({exc.strerror or exc})") from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise ArrtuneError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from exc
-    return EvalConfig.from_dict(data or {}, source=str(path))
+    data = read_yaml_mapping(path, "eval config", "a mapping of eval settings")
+    return EvalConfig.from_dict(data, source=str(path))
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -222,6 +233,8 @@ def _read_task_rows(path: str, field_name: str) -> list[list[dict[str, str]]]:
     from arrtune.data.sft import to_messages
 
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise ArrtuneError(f"{field_name}: {path} is a directory, not a file")
     if not p.is_file():
         raise ArrtuneError(f"{field_name}: cannot read {path} (no such file)")
     rows = [to_messages(row, where) for where, row in read_jsonl(p)]
