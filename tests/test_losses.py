@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from arrtune.losses import IGNORE_INDEX, KLTerm, default_chunk_rows, head_losses
 
@@ -173,3 +174,33 @@ def test_default_chunk_rows_bounds_one_float32_logits_block() -> None:
     for vocab in (11, 49_152, 151_936, 262_144):
         rows = default_chunk_rows(vocab)
         assert rows >= 16 and (rows * vocab * 4 <= 32 * 2**20 or rows == 16)
+
+
+def test_plain_arr_loss_is_the_formula() -> None:
+    from arrtune.losses import arr_loss
+
+    torch.manual_seed(0)
+    sft, ref_sft = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    replay, ref_replay = torch.randn(3, 5, 11), torch.randn(3, 5, 11)
+    sft_labels = torch.randint(0, 11, (2, 5))
+    sft_labels[:, :2] = -100  # the prompt
+    replay_labels = torch.randint(0, 11, (3, 5))
+    ce_sft = F.cross_entropy(sft.reshape(-1, 11), sft_labels.reshape(-1), ignore_index=-100)
+    ce_replay = F.cross_entropy(replay.reshape(-1, 11), replay_labels.reshape(-1))
+    plain = arr_loss(sft, sft_labels, ref_sft, replay, replay_labels, ref_replay, replay_weight=0.5)
+    assert torch.allclose(plain, ce_sft + 0.5 * ce_replay)
+    # reverse KL on the replay tokens of the first 2 of 3 rows (kl_fraction 0.5 -> ceil(1.5) = 2)
+    logp, logq = replay.log_softmax(-1)[:2], ref_replay.log_softmax(-1)[:2]
+    kl = (logp.exp() * (logp - logq)).sum(-1).mean()
+    got = arr_loss(sft, sft_labels, ref_sft, replay, replay_labels, ref_replay, replay_weight=0.5, kl_coef=0.3,
+                   kl_on="replay", kl_fraction=0.5)  # fmt: skip
+    assert torch.allclose(got, ce_sft + 0.5 * ce_replay + 0.3 * kl)
+    # forward KL on the SFT response tokens only
+    has = sft_labels != -100
+    logp, logq = sft.log_softmax(-1), ref_sft.log_softmax(-1)
+    fkl = (logq.exp() * (logq - logp)).sum(-1)[has].mean()
+    got = arr_loss(sft, sft_labels, ref_sft, kl_coef=2.0, kl_on="sft", kl_direction="forward")
+    assert torch.allclose(got, ce_sft + 2.0 * fkl)
+    # identical policy and reference: no KL, whatever the options
+    same = arr_loss(sft, sft_labels, sft.clone(), kl_coef=5.0, kl_on="sft", kl_mask_target=True)
+    assert torch.allclose(same, ce_sft, atol=1e-6)

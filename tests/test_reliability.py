@@ -782,3 +782,23 @@ def test_data_files_with_a_byte_order_mark_load(tiny_tokenizer, tmp_path: Path) 
     path.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "completion": "b"}\n')
     examples, stats = load_sft_examples(str(path), tiny_tokenizer, 64)
     assert stats.n_kept == 1 and examples
+
+
+def test_disk_full_is_one_line(
+    tiny_model_dir: Path, inputs: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        monkeypatch.setenv("ARRTUNE_CACHE", str(tmp_path / "cache"))
+        code = main(["train", f"model={tiny_model_dir}", f"data={inputs / 'sft.jsonl'}", "method=sft",
+                     "max_steps=1", f"output_dir={mount / 'run'}", "progress_bar=false"])  # fmt: skip
+        assert code == 2
+        assert "No space left on device" in error_line(capsys.readouterr().err)
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

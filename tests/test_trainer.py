@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from arrtune.config import load_config
 from arrtune.data.replay import ReplayStream
 from arrtune.data.sft import collate_sft, load_sft_examples
 from arrtune.errors import ArrtuneError
+from arrtune.losses import arr_loss
 from arrtune.recipe import train
 from arrtune.trainer import ARRSettings, ARRTrainer, reference_head, reference_hidden
 
@@ -159,34 +159,21 @@ def test_kl_every_skips_the_reference_on_off_steps_and_reweights_on_steps(
 
 
 def plain_arr_loss(peft_model, base, sft, replay, settings: ARRSettings) -> torch.Tensor:
-    """The ARR objective written the obvious way: one forward over all rows with full logits, and a
-    separate frozen copy of the model as the reference."""
-    n_sft = len(sft["input_ids"])
-    ids = torch.cat([sft["input_ids"], replay["input_ids"]])
-    attention = torch.cat([sft["attention_mask"], replay["attention_mask"]])
-    targets = torch.cat([sft["labels"], replay["labels"]])[:, 1:]
-    has = targets != -100
-    logp = peft_model(input_ids=ids, attention_mask=attention).logits[:, :-1].float().log_softmax(-1)
-    ce = -logp.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
-    loss = ce[:n_sft][has[:n_sft]].mean() + settings.replay_weight * ce[n_sft:][has[n_sft:]].mean()
+    """The package's plain objective (:func:`arrtune.losses.arr_loss`, full logits) with a separate frozen
+    copy of the model as the reference."""
+
+    def logits(model, batch):
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+
     with torch.no_grad():
-        logq = base(input_ids=ids, attention_mask=attention).logits[:, :-1].float().log_softmax(-1)
-    if settings.kl_mask_target:  # drop the SFT label from both distributions and renormalise
-        drop = torch.zeros_like(logp, dtype=torch.bool)
-        drop[:n_sft].scatter_(-1, targets[:n_sft].clamp_min(0)[..., None], True)
-        drop &= has[..., None]
-        logp = logp.masked_fill(drop, float("-inf")).log_softmax(-1)
-        logq = logq.masked_fill(drop, float("-inf")).log_softmax(-1)
-    p, q = logp.exp(), logq.exp()
-    diff = torch.where(p > 0, logp - logq, torch.zeros_like(logp))
-    kl_tok = (p * diff).sum(-1) if settings.kl_direction == "reverse" else (q * -diff).sum(-1)
-    n_rows = {"sft": n_sft, "replay": len(ids) - n_sft}
-    index = torch.arange(len(ids))
-    rows = torch.zeros(len(ids), dtype=torch.bool)
-    for name, first in (("sft", 0), ("replay", n_sft)):
-        if settings.kl_on in (name, "both"):  # kl_fraction: the first ceil(f x rows) rows of each part
-            rows |= (index >= first) & (index < first + math.ceil(settings.kl_fraction * n_rows[name]))
-    return loss + settings.kl_coef * kl_tok[rows][has[rows]].mean()
+        ref_sft, ref_replay = logits(base, sft), logits(base, replay)
+    return arr_loss(
+        logits(peft_model, sft), sft["labels"][:, 1:], ref_sft,
+        logits(peft_model, replay), replay["labels"][:, 1:], ref_replay,
+        replay_weight=settings.replay_weight, kl_coef=settings.kl_coef, kl_on=settings.kl_on,
+        kl_direction=settings.kl_direction, kl_mask_target=settings.kl_mask_target,
+        kl_fraction=settings.kl_fraction,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,6 @@
-"""The ARR loss terms, computed from final hidden states in chunks: no ``B x T x V`` logits block ever exists.
+"""The ARR objective: :func:`arr_loss`, the plain specification, and :func:`head_losses`, the same terms
+computed from final hidden states in chunks, with no ``B x T x V`` logits block (what training runs; tests
+hold it to :func:`arr_loss`, values and gradients).
 
 Nothing here knows about trainers, files or configs. Shapes: ``B`` rows, ``T`` positions, ``V`` vocabulary,
 ``H`` hidden size. ``hidden[:, t]`` predicts ``labels[:, t]``: callers pass already-shifted tensors
@@ -19,6 +21,7 @@ cross-entropy" idea (as in Liger-Kernel) extended to the KL.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -32,6 +35,60 @@ Head = Callable[[torch.Tensor], torch.Tensor]
 
 #: float32 logits per chunk in the automatic rule: 2**23 values = 32 MiB per ``chunk_rows x V`` block
 CHUNK_LOGITS = 2**23
+
+
+def arr_loss(
+    sft_logits: torch.Tensor,
+    sft_labels: torch.Tensor,
+    ref_sft_logits: torch.Tensor,
+    replay_logits: torch.Tensor | None = None,
+    replay_labels: torch.Tensor | None = None,
+    ref_replay_logits: torch.Tensor | None = None,
+    *,
+    replay_weight: float = 1.0,
+    kl_coef: float = 0.0,
+    kl_on: str = "replay",
+    kl_direction: KLDirection = "reverse",
+    kl_mask_target: bool = False,
+    kl_fraction: float = 1.0,
+) -> torch.Tensor:
+    """The ARR objective of one micro-batch, written plainly from full logits (the specification)::
+
+        L = mean_{SFT label tokens} CE + replay_weight * mean_{replay label tokens} CE
+            + kl_coef * mean_{KL tokens} KL(policy, reference)
+
+    Logits are ``(B, T, V)`` with ``logits[:, t]`` predicting ``labels[:, t]`` (already shifted); the
+    reference's are those of the initial model on the same rows. KL tokens are the label tokens of the parts
+    named by ``kl_on`` (``sft``, ``replay`` or ``both``), in the first ``ceil(kl_fraction x rows)`` rows of
+    each part. ``kl_direction``: ``reverse`` = KL(policy || reference), ``forward`` = KL(reference || policy).
+    ``kl_mask_target``: on SFT tokens, the label is dropped from both distributions, renormalised.
+    """
+    parts = [("sft", sft_logits, sft_labels, ref_sft_logits, 1.0)]
+    if replay_logits is not None:
+        parts.append(("replay", replay_logits, replay_labels, ref_replay_logits, replay_weight))
+    loss = sft_logits.new_zeros((), dtype=torch.float32)
+    kl_terms = []
+    for name, logits, labels, ref_logits, weight in parts:
+        has = labels != IGNORE_INDEX
+        logp = logits.float().log_softmax(-1)
+        ce = -logp.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+        loss = loss + weight * ce[has].mean()
+        if kl_coef == 0 or kl_on not in (name, "both"):
+            continue
+        logq = ref_logits.float().log_softmax(-1)
+        if kl_mask_target and name == "sft":
+            drop = torch.zeros_like(logp, dtype=torch.bool).scatter_(-1, labels.clamp_min(0)[..., None], True)
+            drop &= has[..., None]
+            logp = logp.masked_fill(drop, float("-inf")).log_softmax(-1)
+            logq = logq.masked_fill(drop, float("-inf")).log_softmax(-1)
+        p, q = logp.exp(), logq.exp()
+        diff = torch.where(p > 0, logp - logq, torch.zeros_like(logp))
+        kl = (p * diff).sum(-1) if kl_direction == "reverse" else (q * -diff).sum(-1)
+        rows = math.ceil(kl_fraction * len(labels))
+        kl_terms.append(kl[:rows][has[:rows]])
+    if kl_terms:
+        loss = loss + kl_coef * torch.cat(kl_terms).mean()
+    return loss
 
 
 def default_chunk_rows(vocab_size: int) -> int:
