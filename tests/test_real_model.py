@@ -25,3 +25,17 @@ def test_arr_trains_a_few_steps_on_the_embedded_default(tmp_path) -> None:
     assert steps[0]["kl"] < 1e-3  # LoRA B = 0 at step 1: the policy is the initial model
     assert all(torch.isfinite(torch.tensor([r["loss"] for r in steps])))
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    # the adapter names the upstream Hub id (shareable), in a 0755 directory like a plain save_pretrained
+    adapter_config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (run_dir / "adapter").stat().st_mode & 0o777 == 0o755
+
+    # arrtune maps that id back to the built-in copy: eval follows the adapter without --model, offline
+    from arrtune.cli import adapter_base, main
+
+    assert adapter_base(str(run_dir / "adapter")) == "smollm2-135m-instruct"
+    small = ["benchmarks=[]", "n_text=1", "max_text_tokens=16", "n_questions=2", "max_new_tokens=4", "n_task=2",
+             "--no-progress"]  # fmt: skip
+    assert main(["eval", "--adapter", str(run_dir / "adapter"), *small]) == 0
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["mode"] == "pair" and result["config"]["task"] == "builtin:vornish"

@@ -102,7 +102,9 @@ def adapter_base(adapter: str) -> str:
         raise ArrtuneError(f"{path}: unreadable adapter config ({exc})") from exc
     if not isinstance(base, str) or not base:
         raise ArrtuneError(f"{path}: names no base model (base_model_name_or_path); pass --model")
-    return base
+    from arrtune.models import builtin_alias
+
+    return builtin_alias(base) or base  # the upstream id of a built-in model: its built-in copy
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:

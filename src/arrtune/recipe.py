@@ -121,9 +121,15 @@ def _init_run_dir(run_dir: Path, cfg: TrainConfig, resume_from: str | None) -> N
     dump_yaml_atomic(cfg.resolved().to_dict(), run_dir / "config.yaml")
 
 
-def _save_adapter_atomic(model: Any, target: Path) -> None:
+def _save_adapter_atomic(model: Any, target: Path, base_id: str | None = None) -> None:
+    """Save the PEFT adapter into ``target`` atomically (0755, like a plain ``save_pretrained``), naming
+    ``base_id`` as its base model when given."""
     tmp = Path(tempfile.mkdtemp(prefix="adapter.tmp-", dir=target.parent))
+    os.chmod(tmp, 0o755)
     try:
+        if base_id:
+            for adapter_config in getattr(model, "peft_config", {}).values():
+                adapter_config.base_model_name_or_path = base_id
         model.save_pretrained(tmp, safe_serialization=True)
         if target.exists():
             shutil.rmtree(target)
@@ -319,7 +325,9 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
             "no adapter was written; try a lower learning_rate"
         )
     if state.is_main_process:
-        _save_adapter_atomic(trainer.model, run_dir / "adapter")
+        from arrtune.models import shareable_base_id
+
+        _save_adapter_atomic(trainer.model, run_dir / "adapter", shareable_base_id(cfg.model))
         summary = {
             "steps": trainer.state.global_step,
             "wall_s": wall,
