@@ -102,9 +102,6 @@ class TrainConfig:
     kl_mask_target: bool = _f(
         False, "On SFT tokens, drop the label token from both distributions and renormalise."
     )
-    kl_topk: int = _f(
-        0, "0 = exact KL over the vocabulary; k > 0 = reference top-k tokens plus a rest bucket."
-    )
     kl_every: int = _f(
         1, "Compute the KL on one optimizer step in n only, weighted n x kl_coef (1 = every step)."
     )
@@ -211,7 +208,6 @@ class TrainConfig:
             ("lora_r", self.lora_r > 0, "> 0"),
             ("lora_alpha", self.lora_alpha > 0, "> 0"),
             ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
-            ("kl_topk", self.kl_topk >= 0, ">= 0"),
             ("loss_chunk_rows", self.loss_chunk_rows >= 0, ">= 0"),
             ("kl_every", self.kl_every >= 1, ">= 1"),
             ("kl_fraction", 0 < self.kl_fraction <= 1, "in (0, 1]"),

@@ -112,8 +112,6 @@ class KLTerm:
     weight: torch.Tensor
     #: ``"forward"`` = KL(ref || policy), ``"reverse"`` = KL(policy || ref)
     direction: KLDirection = "reverse"
-    #: 0 for the exact KL; k > 0 compares only the reference's top-k tokens plus a "rest" bucket
-    topk: int = 0
     #: ``(B, T)`` token ids removed from both distributions (then renormalised) before the KL, e.g. the
     #: SFT label ("mask the target"); ``IGNORE_INDEX`` where nothing is removed; None: nothing anywhere
     drop_labels: torch.Tensor | None = None
@@ -132,22 +130,13 @@ def _kl_rows(
     policy_logits: torch.Tensor,
     ref_logits: torch.Tensor,
     direction: KLDirection,
-    topk: int,
     target: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Per-row KL of 2-D ``(N, V)`` float32 logits, differentiable by autograd (top-k and masked targets)."""
+    """Per-row KL of 2-D ``(N, V)`` float32 logits, differentiable by autograd (masked targets)."""
     if target is not None:
         policy_logits, ref_logits, _ = _drop_target(policy_logits, ref_logits, target)
     logp = policy_logits.log_softmax(-1)
     logq = ref_logits.log_softmax(-1)
-    if topk > 0:
-        logq_k, idx = logq.topk(min(topk, logq.shape[-1]), dim=-1)
-        logp_k = logp.gather(-1, idx)
-        # the rest bucket: 1 - sum(top-k), in log space, clamped away from log(0)
-        rest_q = torch.log1p(-logq_k.exp().sum(-1).clamp(max=1 - 1e-6))
-        rest_p = torch.log1p(-logp_k.exp().sum(-1).clamp(max=1 - 1e-6))
-        logp = torch.cat([logp_k, rest_p[:, None]], -1)
-        logq = torch.cat([logq_k, rest_q[:, None]], -1)
     a, b = (logq, logp) if direction == "forward" else (logp, logq)
     # 0 * log 0 = 0: the masked target contributes nothing. Replace -inf before the arithmetic, so that
     # no NaN is formed even in the branch torch.where discards (its gradient would still be NaN).
@@ -188,12 +177,12 @@ def _kl_and_grad_shared(
 def _kl_and_grad_general(
     z: torch.Tensor, ref_logits: torch.Tensor, kl: KLTerm, target: torch.Tensor | None, needs_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """KL per row and its logit gradient for top-k and masked targets (autograd on one chunk)."""
+    """KL per row and its logit gradient with masked targets (autograd on one chunk)."""
     if not needs_grad:
-        return _kl_rows(z, ref_logits, kl.direction, kl.topk, target), None
+        return _kl_rows(z, ref_logits, kl.direction, target), None
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
-        values = _kl_rows(z, ref_logits, kl.direction, kl.topk, target)
+        values = _kl_rows(z, ref_logits, kl.direction, target)
         (grad,) = torch.autograd.grad(values.sum(), z)
     return values.detach(), grad
 
@@ -231,7 +220,7 @@ class _HeadLosses(torch.autograd.Function):
             if kl is not None and bool((kl_w != 0).any()):
                 with torch.no_grad():
                     q = kl.ref_head(ref_flat[pos]).float()
-                if kl.topk == 0 and drop_flat is None:
+                if drop_flat is None:
                     values, grad = _kl_and_grad_shared(logp, p, q, kl.direction)
                 else:
                     target = drop_flat[pos] if drop_flat is not None else None

@@ -279,7 +279,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
 
     settings = ARRSettings(
         kl_coef=kl_coef, kl_direction=cfg.kl_direction, kl_on=cfg.resolved_kl_on(), kl_mask_target=cfg.kl_mask_target,
-        kl_topk=cfg.kl_topk, loss_chunk_rows=cfg.loss_chunk_rows, kl_every=cfg.kl_every, kl_fraction=cfg.kl_fraction, replay_ratio=replay_ratio, replay_weight=cfg.replay_weight,
+        loss_chunk_rows=cfg.loss_chunk_rows, kl_every=cfg.kl_every, kl_fraction=cfg.kl_fraction, replay_ratio=replay_ratio, replay_weight=cfg.replay_weight,
     )  # fmt: skip
     if state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

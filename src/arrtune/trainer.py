@@ -55,7 +55,6 @@ class ARRSettings:
     kl_direction: str = "reverse"
     kl_on: str = "both"
     kl_mask_target: bool = False
-    kl_topk: int = 0
     kl_every: int = 1
     kl_fraction: float = 1.0
     replay_ratio: float = 0.0
@@ -256,7 +255,7 @@ class ARRTrainer(Trainer):
             ref_hidden[kl_rows] = ref
             drop = torch.where(per_row([float(p.drop_labels) for p in parts]) != 0, targets, IGNORE_INDEX)
             kl = KLTerm(
-                ref_hidden[:, :-1], reference_head(peft_model, head), kl_weight, arr.kl_direction, arr.kl_topk,
+                ref_hidden[:, :-1], reference_head(peft_model, head), kl_weight, arr.kl_direction,
                 drop if bool((drop != IGNORE_INDEX).any()) else None,
             )  # fmt: skip
         hidden = self._policy_hidden(model, ids, attention)
