@@ -12,7 +12,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
 
 from arrtune.config import load_config
 from arrtune.data.replay import ReplayStream
@@ -94,6 +94,28 @@ def test_reference_forward_is_the_base_model(tiny_model_dir, tiny_tokenizer) -> 
     ).abs().max() > 1e-2  # the adapter is really on otherwise
     # only one copy of the weights: the reference shares every base parameter with the policy
     assert sum(p.numel() for p in peft_model.parameters()) < 2 * sum(p.numel() for p in base.parameters())
+
+
+def test_reference_has_no_dropout_while_the_model_trains(tiny_model_dir, tiny_tokenizer, tmp_path) -> None:
+    """A base model configured with dropout: in train mode the reference (adapter off) still equals the
+    base model's eval-mode forward, every call; the policy forward keeps its dropout."""
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.attention_dropout = 0.5
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, config=config)
+    model.save_pretrained(tmp_path / "dropout")
+    peft_model = lora_model(tmp_path / "dropout", randomize_b=True)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "dropout").eval()
+    batch = sft_batch(tiny_tokenizer)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    peft_model.train()
+    with torch.no_grad():
+        refs = [reference_head(peft_model)(reference_hidden(peft_model, ids, mask)) for _ in range(2)]
+        want = base(input_ids=ids, attention_mask=mask).logits
+        policies = [peft_model(input_ids=ids, attention_mask=mask).logits for _ in range(2)]
+    valid = mask.bool()
+    assert all(torch.allclose(r[valid], want[valid], atol=1e-5) for r in refs)
+    assert peft_model.training  # the train flag is restored
+    assert not torch.allclose(policies[0][valid], policies[1][valid])  # dropout is on in the policy
 
 
 @pytest.mark.parametrize("method", ["sft", "kl", "replay", "arr"])

@@ -106,13 +106,16 @@ def output_head(peft_model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def reference_hidden(peft_model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states of the initial model (adapter disabled, no gradient): ``(B, T, H)``."""
-    with torch.no_grad(), adapter_disabled(peft_model):
-        return (
-            _base_model(peft_model)
-            .get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
-            .last_hidden_state
-        )
+    """Final hidden states of the initial model (adapter disabled, no gradient, no dropout even while the
+    model trains: the reference is the deterministic initial model): ``(B, T, H)``."""
+    decoder = _base_model(peft_model).get_decoder()
+    was_training = decoder.training
+    decoder.eval()
+    try:
+        with torch.no_grad(), adapter_disabled(peft_model):
+            return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    finally:
+        decoder.train(was_training)
 
 
 def reference_head(
