@@ -18,7 +18,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 def test_eval_single_and_pair(tiny_model_dir, tmp_path) -> None:
     train = run("train", f"model={tiny_model_dir}", f"output_dir={tmp_path / 'r'}", "max_steps=2", "warmup_steps=0",
-                "learning_rate=0.01", "progress_bar=false")  # fmt: skip
+                "learning_rate=0.01", "disable_tqdm=true")  # fmt: skip
     assert train.returncode == 0, train.stderr
 
     single = run("eval", "--model", str(tiny_model_dir), "--output", str(tmp_path / "single.json"), *SMALL)

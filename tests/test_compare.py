@@ -26,7 +26,7 @@ def write_grid(tmp_path: Path, model_dir: Path, runs: list[dict]) -> Path:
             "max_steps": 2,
             "warmup_steps": 0,
             "per_device_train_batch_size": 2,
-            "progress_bar": False,
+            "disable_tqdm": True,
         },  # fmt: skip
         "runs": runs,
         "eval": EVAL,
@@ -181,7 +181,7 @@ def test_same_seed_same_threads_gives_the_same_run(precision: str, tiny_model_di
         cfg = load_config(None, [f"model={tiny_model_dir}", f"output_dir={tmp_path / name}", "method=arr",
                                  "max_steps=3", "warmup_steps=0", "per_device_train_batch_size=2",
                                  "lora_dropout=0.1", f"seed={seed}", f"precision={precision}",
-                                 "progress_bar=false"])  # fmt: skip
+                                 "disable_tqdm=true"])  # fmt: skip
         return load_file(train(cfg) / "adapter" / "adapter_model.safetensors")
 
     a, b, c = run("a", 0), run("b", 0), run("c", 1)

@@ -14,7 +14,7 @@ from arrtune.recipe import train
 @pytest.mark.slow
 def test_arr_trains_a_few_steps_on_the_embedded_default(tmp_path) -> None:
     cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", "method=arr", "max_steps=2", "warmup_steps=0",
-                             "per_device_train_batch_size=2", "progress_bar=false", "precision=bf16"])  # fmt: skip
+                             "per_device_train_batch_size=2", "disable_tqdm=true", "precision=bf16"])  # fmt: skip
     run_dir = train(cfg)
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "sft_loss" in r]

@@ -59,7 +59,7 @@ def train_args(model_dir: Path, inputs: Path, out: Path, **extra: object) -> lis
         "model": model_dir, "data": inputs / "sft.jsonl", "replay": inputs / "replay.txt", "output_dir": out,
         "method": "arr", "max_steps": 22, "save_steps": 4, "save_total_limit": 10, "warmup_steps": 2,
         "lr_scheduler_type": "linear", "learning_rate": 0.01, "per_device_train_batch_size": 4,
-        "lora_dropout": 0.1, "seed": 3, "precision": "fp32", "progress_bar": False,
+        "lora_dropout": 0.1, "seed": 3, "precision": "fp32", "disable_tqdm": True,
     }  # fmt: skip
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
@@ -212,7 +212,7 @@ def test_same_config_finished_is_a_no_op_and_another_config_is_refused(
     run = copy_run(full_run, tmp_path / "done")
     before = snapshot(run)
     with caplog.at_level(logging.INFO, logger="arrtune"):
-        train(load_config(None, train_args(tiny_model_dir, inputs, run, progress_bar=True)))  # cosmetic key
+        train(load_config(None, train_args(tiny_model_dir, inputs, run, disable_tqdm=False)))  # cosmetic key
     assert "already complete" in caplog.text
     assert snapshot(run) == before
     with pytest.raises(
@@ -392,7 +392,7 @@ def test_bad_input_is_one_error_line_and_writes_nothing(
     out = tmp_path / "run"
     options = [o for o in overrides if o.startswith("--")]
     values = [o for o in overrides if not o.startswith("--")]
-    base = [f"model={tiny_model_dir}", f"output_dir={out}", "method=sft", "max_steps=2", "progress_bar=false"]
+    base = [f"model={tiny_model_dir}", f"output_dir={out}", "method=sft", "max_steps=2", "disable_tqdm=true"]
     watched = [Path(v.split("=", 1)[1]) for v in values if v.startswith("output_dir=")]
     watched = [p for p in watched if p.exists()]
     before = {p: snapshot(p) if p.is_dir() else p.read_bytes() for p in watched}
@@ -449,7 +449,7 @@ def test_long_and_empty_examples_are_dropped_and_counted_in_the_log(
     rows += [{"prompt": "x " * 100, "completion": "y"}, {"prompt": "q", "completion": ""}]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     cfg = load_config(None, [f"model={tiny_model_dir}", f"data={data}", f"output_dir={tmp_path / 'run'}",
-                             "method=sft", "max_steps=1", "max_length=64", "progress_bar=false"])  # fmt: skip
+                             "method=sft", "max_steps=1", "max_length=64", "disable_tqdm=true"])  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="arrtune"):
         run = train(cfg)
     assert "dropped 2 of 6 examples (1 longer than max_length=64, 1 with an empty response)" in caplog.text
@@ -610,7 +610,7 @@ def test_no_home_directory_still_trains_or_says_what_to_set(tiny_model_dir: Path
     env = {k: v for k, v in ENV.items() if k not in ("HOME", "ARRTUNE_CACHE")}
     env["HF_HOME"] = str(tmp_path / "hf")
     cmd = [sys.executable, "-m", "arrtune", "train", f"model={tiny_model_dir}", f"data={inputs / 'sft.jsonl'}",
-           "method=sft", "max_steps=1", f"output_dir={tmp_path / 'run'}", "progress_bar=false"]  # fmt: skip
+           "method=sft", "max_steps=1", f"output_dir={tmp_path / 'run'}", "disable_tqdm=true"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert "Traceback" not in done.stderr
     assert done.returncode == 0 or "set ARRTUNE_CACHE" in error_line(done.stderr)
@@ -731,7 +731,7 @@ def test_eval_refuses_bad_names_before_loading_and_uses_the_adapters_base(tiny_m
 
     run = tmp_path / "run"
     assert main(["train", f"model={tiny_model_dir}", f"output_dir={run}", "method=sft", "max_steps=1",
-                 "progress_bar=false"]) == 0  # fmt: skip
+                 "disable_tqdm=true"]) == 0  # fmt: skip
     assert main(["eval", "--adapter", str(run / "adapter"), "benchmarks=[arc_easy]", *small]) == 0
     assert json.loads((run / "eval.json").read_text())["mode"] == "pair"
     other = build_tiny_model(tmp_path / "other", hidden_size=48)
@@ -797,7 +797,7 @@ def test_disk_full_is_one_line(
     try:
         monkeypatch.setenv("ARRTUNE_CACHE", str(tmp_path / "cache"))
         code = main(["train", f"model={tiny_model_dir}", f"data={inputs / 'sft.jsonl'}", "method=sft",
-                     "max_steps=1", f"output_dir={mount / 'run'}", "progress_bar=false"])  # fmt: skip
+                     "max_steps=1", f"output_dir={mount / 'run'}", "disable_tqdm=true"])  # fmt: skip
         assert code == 2
         assert "No space left on device" in error_line(capsys.readouterr().err)
     finally:

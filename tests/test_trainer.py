@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
@@ -122,7 +123,7 @@ def test_reference_has_no_dropout_while_the_model_trains(tiny_model_dir, tiny_to
 def test_train_end_to_end_per_preset(method: str, tiny_model_dir, tmp_path) -> None:
     cfg = load_config(None, [f"model={tiny_model_dir}", f"output_dir={tmp_path / method}", f"method={method}",
                              "max_steps=3", "warmup_steps=0", "learning_rate=0.01", "per_device_train_batch_size=4",
-                             "progress_bar=false"])  # fmt: skip
+                             "disable_tqdm=true"])  # fmt: skip
     run_dir = train(cfg)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "sft_loss" in r]
@@ -155,7 +156,7 @@ def test_train_end_to_end_per_preset(method: str, tiny_model_dir, tmp_path) -> N
 def test_cli_train_runs_and_reports_bad_keys(tiny_model_dir, tmp_path) -> None:
     out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "arrtune", "train", f"model={tiny_model_dir}", f"output_dir={out}", "max_steps=2",
-           "progress_bar=false"]  # fmt: skip
+           "disable_tqdm=true"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (out / "adapter" / "adapter_config.json").is_file()
@@ -295,3 +296,34 @@ def test_precision_auto_is_bf16_on_cpus_with_native_bf16_matmul() -> None:
     assert not cpu_has_native_bf16("flags\t\t: fpu avx2 avx512f avx512_vnni")
     assert not cpu_has_native_bf16("flags\t\t: fpu avx512_bf16x")
     assert use_bf16("bf16") and not use_bf16("fp32")
+
+
+def test_every_training_argument_is_settable_and_tensorboard_logs_every_term(
+    tiny_model_dir, tmp_path
+) -> None:
+    """TrainConfig is a TrainingArguments: HF fields come from YAML / key=value like arrtune's, reach the
+    Trainer, and report_to: tensorboard writes every loss term arrtune logs."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import TrainingArguments
+
+    from arrtune.config import TrainConfig
+
+    assert issubclass(TrainConfig, TrainingArguments)
+    with pytest.raises(ArrtuneError, match="did you mean 'gradient_checkpointing'"):
+        load_config(None, ["gradient_checkpoint=true"])
+    cfg = load_config(None, [f"model={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "method=arr", "max_steps=3",
+                             "warmup_steps=0", "per_device_train_batch_size=2", "disable_tqdm=true",
+                             "report_to=tensorboard", "optim=adamw_torch",
+                             "lr_scheduler_type=cosine", "lr_scheduler_kwargs={num_cycles: 0.5}",
+                             "adam_beta2=0.95"])  # fmt: skip
+    assert cfg.adam_beta2 == 0.95 and cfg.lr_scheduler_kwargs == {"num_cycles": 0.5}
+    run_dir = train(cfg)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["adam_beta2"] == 0.95 and saved["optim"] == "adamw_torch"
+    # transformers writes to $TENSORBOARD_LOGGING_DIR, else under the Trainer's output_dir (run/checkpoints)
+    events = EventAccumulator(str(next(run_dir.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for term in ("sft_loss", "replay_loss", "kl", "lr", "grad_norm", "sft_tokens_per_s", "step_time_s"):
+        assert f"train/{term}" in tags, sorted(tags)
+    assert len(events.Scalars("train/kl")) == 3

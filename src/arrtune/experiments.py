@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from arrtune.config import TrainConfig, _check_key, _coerce, dump_yaml_atomic, read_yaml_mapping
+from arrtune.config import TrainConfig, _check_key, _coerce, build_config, dump_yaml_atomic, read_yaml_mapping
 from arrtune.errors import ArrtuneError
 
 
@@ -98,7 +98,7 @@ def expand_runs(grid: GridConfig) -> list[RunSpec]:
                 name_s = run_name if seed is None else f"{run_name}-seed={seed}"
                 values_s = values if seed is None else {**values, "seed": seed}
                 values_s["output_dir"] = str(Path(grid.output_dir) / "runs" / name_s)
-                specs.append(RunSpec(name_s, TrainConfig(**values_s).validate()))
+                specs.append(RunSpec(name_s, build_config(values_s, f"grid: runs[{i}]")))
     names = [s.name for s in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -13,10 +13,10 @@ checkpoints saved before it and writes no adapter.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -34,34 +34,14 @@ from arrtune.checkpoint import (  # noqa: F401  (CHECKPOINT_FILES: re-exported)
     last_complete_checkpoint,
     release_lock,
 )
-from arrtune.config import TrainConfig, dump_yaml_atomic
+from arrtune.config import TrainConfig, cpu_has_native_bf16, dump_yaml_atomic, use_bf16  # noqa: F401
 from arrtune.errors import ArrtuneError
 
 log = logging.getLogger("arrtune")
 
 
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """True where the CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16, read from /proc/cpuinfo)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return False
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
-
-
-def use_bf16(precision: str) -> bool:
-    """Whether to train under bf16 autocast. ``auto``: on a CUDA GPU that supports bf16, and on a CPU with
-    native bf16 matmul (measured to train as well as fp32 and 1.07-1.23x faster, README "Performance")."""
-    if precision in ("bf16", "fp32"):
-        return precision == "bf16"
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_native_bf16()
-
-
 #: config keys that do not change what is trained: a run may be resumed with another value
-COSMETIC_KEYS = ("progress_bar",)
+COSMETIC_KEYS = ("disable_tqdm", "local_rank", "logging_dir", "use_cpu")
 
 
 def _config_diff(previous: Any, resolved: dict[str, Any]) -> list[str]:
@@ -139,40 +119,14 @@ def _save_adapter_atomic(model: Any, target: Path, base_id: str | None = None) -
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def training_arguments(cfg: TrainConfig, run_dir: Path) -> Any:
-    """The ``transformers.TrainingArguments`` of a run (built before anything is read or written, so that a
-    value transformers refuses fails first, as one error line)."""
-    from transformers import TrainingArguments
+def training_arguments(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
+    """What the Trainer receives: the config itself, with its checkpoints in ``run_dir/checkpoints`` (built
+    before anything is read or written, so that a value transformers refuses fails first, as one line)."""
+    from arrtune.config import build_config
 
-    try:
-        return TrainingArguments(
-            output_dir=str(run_dir / "checkpoints"),
-            max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
-            num_train_epochs=cfg.num_train_epochs,
-            per_device_train_batch_size=cfg.per_device_train_batch_size,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            learning_rate=cfg.learning_rate,
-            lr_scheduler_type=cfg.lr_scheduler_type,
-            warmup_steps=cfg.warmup_steps,
-            weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm,
-            seed=cfg.seed,
-            data_seed=cfg.seed,
-            bf16=use_bf16(cfg.precision),
-            logging_steps=cfg.logging_steps,
-            save_strategy="steps" if cfg.save_steps > 0 else "no",
-            save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
-            save_total_limit=cfg.save_total_limit,
-            report_to="none",
-            remove_unused_columns=False,
-            label_names=["labels"],
-            disable_tqdm=not cfg.progress_bar,
-            dataloader_num_workers=0,
-            use_cpu=not torch.cuda.is_available(),
-            ddp_find_unused_parameters=False,
-        )
-    except ValueError as exc:
-        raise ArrtuneError(f"config: {exc}") from exc
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
+    values["output_dir"] = str(run_dir / "checkpoints")
+    return build_config(values, "config")
 
 
 def check_writable(directory: Path) -> None:
@@ -372,7 +326,9 @@ def _self_replay_stream(cfg: TrainConfig, model: Any, tokenizer: Any, prompts: l
     model_key = f"{cfg.model}|{getattr(model.config, '_name_or_path', '')}|{model.num_parameters()}"
     path = cache_path(cache_dir(), model_key, prompts, settings)
     with state.main_process_first():
-        rows, seconds = generate_answers(model, tokenizer, prompts, budget, settings, path, cfg.progress_bar)
+        rows, seconds = generate_answers(
+            model, tokenizer, prompts, budget, settings, path, not cfg.disable_tqdm
+        )
     docs = conversations(tokenizer, rows)
     if len(docs) < state.num_processes:
         raise ArrtuneError("replay: the base model gave no usable self-replay answers (all empty)")
