@@ -1,4 +1,4 @@
-"""Command line: ``arrtune train | eval | compare | demo``. Parses argv, calls the library, prints results.
+"""Command line: ``arrtune train | eval | compare | demo | report | export``. Parses argv, calls the library, prints results.
 
 Errors in user input print one line (``arrtune: error: ...``) and exit with status 2; ``--debug`` (before
 or after ``train``) shows the traceback instead.
@@ -146,6 +146,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from arrtune.export import export_run
+
+    try:
+        scale = float(args.scale)
+    except ValueError:
+        raise ArrtuneError(f"--scale {args.scale}: expected a number in [0, 1]") from None
+    out = export_run(args.run_dir, args.out, adapter_only=args.adapter_only, dtype=args.dtype, scale=scale)
+    kind = "adapter" if args.adapter_only else "merged model"
+    print(f"{kind} written to {out} (model card: {out / 'README.md'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``arrtune`` command."""
     parser = argparse.ArgumentParser(prog="arrtune", description=__doc__.splitlines()[0])
@@ -190,6 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo's run settings")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("export", help="a run as a merged model (or adapter) with a forgetting model card")
+    p.add_argument("run_dir", help="a finished run directory (config.yaml, adapter/, eval.json if evaluated)")
+    p.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
+    p.add_argument(
+        "--adapter-only", action="store_true", help="write the PEFT adapter instead of a merged model"
+    )
+    p.add_argument(
+        "--dtype", default="auto", help="saved precision: auto (the base's), bfloat16, float16, float32"
+    )
+    p.add_argument(
+        "--scale", default="1", help="multiply the LoRA update by this factor in [0, 1] (default 1)"
+    )
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("report", help="rebuild report.md, CSV/JSON tables and plots of a compare directory")
     p.add_argument("dir", help="a compare output directory")

@@ -152,7 +152,15 @@ def _read_only(path: Path) -> bool:
 
 
 def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
-    """Train one LoRA adapter with the ARR loss; returns the run directory."""
+    """Train one LoRA adapter with the ARR loss; returns the run directory. The run directory's lock is
+    released when training ends, however it ends."""
+    try:
+        return _train(cfg, overwrite)
+    finally:
+        release_lock(Path(cfg.output_dir) / LOCK_NAME)
+
+
+def _train(cfg: TrainConfig, overwrite: bool) -> Path:
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
     from peft import LoraConfig, get_peft_model
@@ -296,7 +304,6 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
             **self_replay_info,
         }
         write_atomic(run_dir / "train_summary.json", json.dumps(summary, indent=2))
-        release_lock(run_dir / LOCK_NAME)
     state.wait_for_everyone()
     return run_dir
 

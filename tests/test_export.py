@@ -1,0 +1,103 @@
+"""``arrtune export``: a merged model that loads without arrtune and PEFT, scaled adapters, the model card."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from arrtune.cli import main
+
+IDS = [[5, 17, 42, 99, 7, 3, 250, 11]]
+#: loads the export with transformers alone: arrtune and peft cannot be imported in this process
+LOAD_WITHOUT_ARRTUNE = """
+import json, sys
+sys.modules["arrtune"] = None
+sys.modules["peft"] = None
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+AutoTokenizer.from_pretrained(sys.argv[1])
+with torch.no_grad():
+    print(json.dumps(model(input_ids=torch.tensor(json.loads(sys.argv[2]))).logits[0].tolist()))
+"""
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "run"
+    assert main(["train", f"model={tiny_model_dir}", f"output_dir={out}", "method=sft", "max_steps=3",
+                 "learning_rate=0.05", "warmup_steps=0", "disable_tqdm=true"]) == 0  # fmt: skip
+    return out
+
+
+def peft_logits(tiny_model_dir: Path, run_dir: Path, scale: float = 1.0) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from arrtune.export import scale_lora
+
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir / "adapter"
+    )
+    scale_lora(model, scale)
+    with torch.no_grad():
+        return model.eval()(input_ids=torch.tensor(IDS)).logits[0]
+
+
+def test_merged_export_loads_without_arrtune_and_peft(
+    run_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "merged"
+    assert main(["export", str(run_dir), "--out", str(out), "--dtype", "float32"]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+    assert not (out / "adapter_config.json").exists()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    done = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_ARRTUNE, str(out), json.dumps(IDS)],
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    exported = torch.tensor(json.loads(done.stdout.strip().splitlines()[-1]))
+    want = peft_logits(tiny_model_dir, run_dir)
+    assert torch.allclose(exported, want, atol=1e-4)
+    base = peft_logits(tiny_model_dir, run_dir, scale=0.0)
+    assert (exported - base).abs().max() > 1e-3  # the fine-tune is really in the merged weights
+
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "transformers" and "arrtune" in front["tags"]
+    assert front["base_model"] == str(tiny_model_dir)
+    assert "| method | sft |" in card and "Not evaluated" in card
+
+
+def test_scaled_adapter_export_and_card_with_evaluation(
+    run_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    small = ["benchmarks=[arc_easy]", "n_per_benchmark=4", "n_text=2", "max_text_tokens=16", "n_questions=3",
+             "max_new_tokens=4", "n_task=3", "--no-progress"]  # fmt: skip
+    assert main(["eval", "--adapter", str(run_dir / "adapter"), *small]) == 0
+    out = tmp_path / "half"
+    assert main(["export", str(run_dir), "--out", str(out), "--adapter-only", "--scale", "0.5"]) == 0
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+    with torch.no_grad():
+        got = model.eval()(input_ids=torch.tensor(IDS)).logits[0]
+    assert torch.allclose(got, peft_logits(tiny_model_dir, run_dir, scale=0.5), atol=1e-5)
+    assert not torch.allclose(got, peft_logits(tiny_model_dir, run_dir, scale=1.0), atol=1e-4)
+    card = (out / "README.md").read_text()
+    assert yaml.safe_load(card.split("---")[1])["library_name"] == "peft"
+    assert "scaled by **0.5**" in card and "task/exact_match" in card and "drift/books" in card
+    assert "Answers to general questions, before and after" in card
+
+    # refusals: an occupied --out, a scale outside [0, 1], not a run
+    assert main(["export", str(run_dir), "--out", str(out)]) == 2
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "x"), "--scale", "1.5"]) == 2
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "y")]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
