@@ -179,7 +179,7 @@ def test_drift_is_zero_with_fresh_adapter_and_positive_after_a_step(tiny):
     pm = _lora(model)
     cfg = EvalConfig(**TINY_CFG)
     before = evaluate_model_pair(pm, tok, cfg, progress=False)
-    for key in ("drift/wiki", "drift/books", "drift/chat"):
+    for key in ("drift/wiki", "drift/books", "drift/chat", "drift/task"):
         assert before["adapted"][key] == pytest.approx(0.0, abs=1e-7)
     assert before["adapted"]["leak"] == 0.0  # the base model's own answers cannot leak
     assert all(abs(v) < 1e-6 for k, v in before["delta"].items() if not k.endswith("_stderr"))
@@ -187,7 +187,7 @@ def test_drift_is_zero_with_fresh_adapter_and_positive_after_a_step(tiny):
 
     _train_step(pm, tok, "Translate into Vornish: water stone\nvaer kith " * 4)
     after = evaluate_model_pair(pm, tok, cfg, progress=False)
-    for key in ("drift/wiki", "drift/books", "drift/chat"):
+    for key in ("drift/wiki", "drift/books", "drift/chat", "drift/task"):
         assert after["adapted"][key] > 1e-6
     # the base column is unaffected by training the adapter
     assert after["base"]["ppl/wiki"] == pytest.approx(before["base"]["ppl/wiki"], rel=1e-6)

@@ -16,6 +16,8 @@ adapters of one base model computes the base column once. Metric names are flat:
 ``bpb/wiki``, ``bpb/books``  bits per UTF-8 byte of the same passages
 ``drift/wiki``, ``/books``   mean KL(base || adapted), nats per token, on the passages (pair only)
 ``drift/chat``               the same on the base model's own greedy answers to general questions (pair only)
+``drift/task``               the same on the adapted model's greedy answers to the held-out task prompts: a
+                             forecast of forgetting that needs no general data (pair only)
 ``leak``                     fraction of adapted answers containing task-only words, ``leak_stderr`` (pair only)
 ``bleed``                    fraction of adapted answers in the task's form, not the base's (pair only; see
                              :mod:`arrtune.evaluation.form`), ``bleed_stderr``
@@ -397,6 +399,17 @@ def _run(
                     model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, progress, f"task/{c}"
                 )
             predictions[c] = ans.texts
+            if (
+                c == "adapted"
+            ):  # the forgetting forecast: KL(base || adapted) on the adapted model's task answers
+                keep = [i for i, a in enumerate(ans.ids) if a]
+                if keep:
+                    forecast = score_sequences(
+                        model, tokenizer, [ans.prompts[i] + ans.ids[i] for i in keep],
+                        [len(ans.prompts[i]) for i in keep], cfg.batch_size, base_ctx, progress=progress,
+                        desc="task/drift",
+                    )  # fmt: skip
+                    metrics[c]["drift/task"] = forecast.mean_kl()
             correct = [int(exact_match(p, e.reference)) for p, e in zip(ans.texts, task_examples)]
             per_item[c]["task/exact_match"] = correct
             em = mean(correct)
