@@ -327,3 +327,37 @@ def test_every_training_argument_is_settable_and_tensorboard_logs_every_term(
     for term in ("sft_loss", "replay_loss", "kl", "lr", "grad_norm", "sft_tokens_per_s", "step_time_s"):
         assert f"train/{term}" in tags, sorted(tags)
     assert len(events.Scalars("train/kl")) == 3
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """gradient_checkpointing (a TrainingArguments field) with the two-pass step: the same adapter as
+    without it; the reference forward (no_grad) is unaffected."""
+    import torch.utils.checkpoint
+    from safetensors.torch import load_file
+
+    calls = []
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    import transformers.modeling_utils
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting)
+
+    def run(name: str, checkpointing: bool) -> dict:
+        cfg = load_config(None, [f"model={tiny_model_dir}", f"output_dir={tmp_path / name}", "method=arr",
+                                 "max_steps=3", "warmup_steps=0", "per_device_train_batch_size=2",
+                                 "precision=fp32", "disable_tqdm=true",
+                                 f"gradient_checkpointing={str(checkpointing).lower()}"])  # fmt: skip
+        assert cfg.gradient_checkpointing is checkpointing
+        return load_file(train(cfg) / "adapter" / "adapter_model.safetensors")
+
+    plain = run("plain", False)
+    assert not calls
+    checkpointed = run("ckpt", True)
+    assert calls  # the decoder layers really ran checkpointed
+    assert max(float((plain[k] - checkpointed[k]).abs().max()) for k in plain) < 1e-5
+    assert max(float(v.abs().max()) for k, v in plain.items() if "lora_B" in k) > 0  # it trained
