@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -361,3 +362,30 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_model_dir, tmp_path
     assert calls  # the decoder layers really ran checkpointed
     assert max(float((plain[k] - checkpointed[k]).abs().max()) for k in plain) < 1e-5
     assert max(float(v.abs().max()) for k, v in plain.items() if "lora_B" in k) > 0  # it trained
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_base_weights_load_in_the_training_precision(
+    precision, dtype, tiny_model_dir, tmp_path, monkeypatch
+) -> None:
+    """model_dtype auto: bf16 base weights when training in bf16 (LoRA weights stay float32), float32 else."""
+    import arrtune.trainer
+
+    seen = {}
+    real = arrtune.trainer.reference_hidden
+
+    def spy(peft_model, ids, mask):
+        params = dict(peft_model.named_parameters())
+        seen["base"] = {p.dtype for n, p in params.items() if "lora_" not in n}
+        seen["lora"] = {p.dtype for n, p in params.items() if "lora_" in n}
+        return real(peft_model, ids, mask)
+
+    monkeypatch.setattr(arrtune.trainer, "reference_hidden", spy)
+    cfg = load_config(None, [f"model={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "method=arr", "max_steps=2",
+                             "warmup_steps=0", "per_device_train_batch_size=2", f"precision={precision}",
+                             "disable_tqdm=true"])  # fmt: skip
+    run_dir = train(cfg)
+    assert seen["base"] == {dtype} and seen["lora"] == {torch.float32}
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model_dtype"] == str(dtype).split(".")[1]
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in steps if "loss" in r)

@@ -67,7 +67,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if data.get("task", "auto") == "auto":
         print(f"task: {cfg.task or 'none (set task=FILE or, in training, task_eval)'}", file=sys.stderr)
     tokenizer = load_tokenizer(model_spec)
-    model = load_model(model_spec)
+    import torch
+
+    model = load_model(model_spec, dtype=getattr(torch, cfg.model_dtype))
     if args.adapter:
         from peft import PeftModel
 
@@ -159,6 +161,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_settings_help() -> str:
+    """One line per EvalConfig field: name, default and the first sentence of its documentation."""
+    import dataclasses
+    import inspect
+    import re
+
+    from arrtune.evaluation.runner import EvalConfig
+
+    source = inspect.getsource(EvalConfig)
+    lines = []
+    for f in dataclasses.fields(EvalConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        comment = re.search(rf"((?:\s*#: .*\n)+)\s*{f.name}:", source)
+        doc = " ".join(c.strip()[3:] for c in comment.group(1).strip().splitlines()) if comment else ""
+        doc = doc.split("; default")[0]
+        lines.append(f"  {f.name}={default!r}: {doc}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``arrtune`` command."""
     parser = argparse.ArgumentParser(prog="arrtune", description=__doc__.splitlines()[0])
@@ -187,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="eval YAML (EvalConfig fields)")
     p.add_argument("--output", help="where to write eval.json (default: next to the adapter, or ./eval.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="EvalConfig overrides")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings (below), after --config")
+    p.epilog = "settings (key=value, or in --config), with their defaults:\n" + _eval_settings_help()
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("compare", help="train and evaluate a grid of methods; write a report with plots")

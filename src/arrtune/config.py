@@ -102,6 +102,11 @@ class TrainConfig(TrainingArguments):
     model: str = _f(
         "smollm2-135m-instruct", "Model spec: built-in alias, .gguf file, local HF directory or Hub id."
     )
+    model_dtype: str = _f(
+        "auto",
+        "Precision the base weights are loaded in: bfloat16, float16, float32, or auto = bfloat16 when training "
+        "in bf16 (see precision), else float32. LoRA weights stay float32; the KL reference is this same base.",
+    )
     trust_remote_code: bool = _f(
         False, "Allow model code from the Hub (off by default; only for models you trust)."
     )
@@ -223,6 +228,12 @@ class TrainConfig(TrainingArguments):
         """Share of replay tokens from self-replay: 1 for ``replay: self``, else ``replay_mix``."""
         return 1.0 if self.replay == "self" else float(self.replay_mix)
 
+    def resolved_model_dtype(self) -> str:
+        """model_dtype, with 'auto' turned into 'bfloat16' (bf16 training) or 'float32'."""
+        if self.model_dtype != "auto":
+            return self.model_dtype
+        return "bfloat16" if self.bf16 else "float32"
+
     def resolved_kl_on(self) -> str:
         """kl_on, with 'auto' turned into 'replay' (replay on) or 'sft' (replay off)."""
         if self.kl_on != "auto":
@@ -236,6 +247,7 @@ class TrainConfig(TrainingArguments):
             kl_coef=self.resolved_kl_coef(),
             replay_ratio=self.resolved_replay_ratio(),
             kl_on=self.resolved_kl_on(),
+            model_dtype=self.resolved_model_dtype(),
         )
 
     def validate(self) -> TrainConfig:
@@ -247,6 +259,7 @@ class TrainConfig(TrainingArguments):
             "kl_direction": ("forward", "reverse"),
             "kl_on": ("sft", "replay", "both", "auto"),
             "precision": ("fp32", "bf16", "auto"),
+            "model_dtype": ("auto", "bfloat16", "float16", "float32"),
             "lr_scheduler_type": tuple(s.value for s in SchedulerType),
         }
         for key, allowed in choices.items():

@@ -221,7 +221,7 @@ def _train(cfg: TrainConfig, overwrite: bool) -> Path:
     prompts = load_prompts(cfg.replay_prompts) if self_share > 0 else []
 
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, cfg.trust_remote_code)
+    model = load_model(cfg.model, cfg.trust_remote_code, getattr(torch, cfg.resolved_model_dtype()))
     self_replay_info: dict[str, Any] = {}
     if self_share > 0:
         own = _self_replay_stream(

@@ -120,6 +120,9 @@ class EvalConfig:
     task_train: str | None = None
     #: example answers shown in the report (questions with base / adapted answers); default 3
     n_examples: int = 3
+    #: precision the model's weights are loaded in (``arrtune eval``): float32, bfloat16 or float16; default
+    #: float32
+    model_dtype: str = "float32"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "eval config") -> EvalConfig:
@@ -140,6 +143,9 @@ class EvalConfig:
             elif key in ("task", "task_train"):
                 if value is not None and not isinstance(value, str):
                     raise ArrtuneError(f"{where} must be a string or null")
+            elif key == "model_dtype":
+                if value not in ("float32", "bfloat16", "float16"):
+                    raise ArrtuneError(f"{where} must be float32, bfloat16 or float16, got {value!r}")
             else:
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise ArrtuneError(f"{where} must be an integer, got {value!r}")
