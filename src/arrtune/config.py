@@ -181,6 +181,11 @@ class TrainConfig(TrainingArguments):
         None, "Replay tokens per SFT token in each step (0 = no replay). Default: from method."
     )
     replay_weight: float = _f(1.0, "Weight of the replay cross-entropy in the loss.")
+    drift_budget: float | None = _f(
+        None,
+        "Nats per KL token the model may drift (off by default). When set, kl_coef is only the starting value "
+        "of a multiplier adapted every step to hold the smoothed KL at this budget (docs/drift_budget.md).",
+    )
 
     # -- LoRA -----------------------------------------------------------------------------------------
     lora_r: int = _f(16, "LoRA rank.")
@@ -281,6 +286,12 @@ class TrainConfig(TrainingArguments):
             ("kl_every", self.kl_every >= 1, ">= 1"),
             ("kl_fraction", 0 < self.kl_fraction <= 1, "in (0, 1]"),
             ("replay_mix", 0 <= self.replay_mix <= 1, "in [0, 1]"),
+            ("drift_budget", self.drift_budget is None or self.drift_budget > 0, "> 0 (or unset)"),
+            (
+                "drift_budget",
+                self.drift_budget is None or self.resolved_kl_coef() > 0,
+                "used with a KL: kl_coef > 0 (its starting value), e.g. method arr",
+            ),
             ("replay_temperature", self.replay_temperature >= 0, ">= 0"),
             ("replay_top_p", 0 < self.replay_top_p <= 1, "in (0, 1]"),
             ("replay_max_new_tokens", self.replay_max_new_tokens > 0, "> 0"),

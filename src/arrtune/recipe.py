@@ -241,7 +241,7 @@ def _train(cfg: TrainConfig, overwrite: bool) -> Path:
 
     settings = ARRSettings(
         kl_coef=kl_coef, kl_direction=cfg.kl_direction, kl_on=cfg.resolved_kl_on(), kl_mask_target=cfg.kl_mask_target,
-        loss_chunk_rows=cfg.loss_chunk_rows, kl_every=cfg.kl_every, kl_fraction=cfg.kl_fraction, replay_ratio=replay_ratio, replay_weight=cfg.replay_weight,
+        loss_chunk_rows=cfg.loss_chunk_rows, kl_every=cfg.kl_every, kl_fraction=cfg.kl_fraction, replay_ratio=replay_ratio, replay_weight=cfg.replay_weight, drift_budget=cfg.drift_budget,
     )  # fmt: skip
     if state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

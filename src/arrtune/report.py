@@ -321,16 +321,28 @@ def plot_loss_curves(compare_dir: Path, names: Sequence[str], path: Path) -> Non
         ("replay_loss", "replay loss (general text)"),
         ("kl", "KL to initial model"),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    runs = {}
     for name in names:
         f = compare_dir / "runs" / name / "metrics.jsonl"
-        if not f.is_file():
-            continue
-        records = [json.loads(line) for line in f.read_text().splitlines()]
+        if f.is_file():
+            runs[name] = [json.loads(line) for line in f.read_text().splitlines()]
+    budgeted = any("kl_coef" in r for records in runs.values() for r in records)
+    if budgeted:  # drift budget: the multiplier, and the smoothed KL against its budget
+        terms += [
+            ("kl_coef", "kl_coef (drift-budget multiplier)"),
+            ("kl_smoothed", "smoothed KL (dashed: budget)"),
+        ]
+    fig, axes = plt.subplots(1, len(terms), figsize=(5 * len(terms), 4.5))
+    for name, records in runs.items():
         for ax, (key, _) in zip(axes, terms):
             pts = [(r["step"], r[key]) for r in records if key in r]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
+                line = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)[0]
+                budget = next((r["drift_budget"] for r in records if "drift_budget" in r), None)
+                if key == "kl_smoothed" and budget:
+                    ax.axhline(budget, color=line.get_color(), linestyle="--", linewidth=1)
+    if budgeted:
+        axes[3].set_yscale("log")
     for ax, (_, title) in zip(axes, terms):
         ax.set_title(title)
         ax.set_xlabel("optimizer step")

@@ -28,7 +28,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from arrtune.errors import ArrtuneError
 from arrtune.losses import IGNORE_INDEX, KLTerm, default_chunk_rows, head_losses
 
 REPLAY_STATE = "replay_state_rank{rank}.json"
+CONTROLLER_STATE = "kl_controller.json"
 #: the logged loss terms, in the order they are reduced across ranks
 TERMS = ("sft_loss", "replay_loss", "kl")
 
@@ -61,6 +62,45 @@ class ARRSettings:
     replay_weight: float = 1.0
     #: token rows per chunk of the output layer and losses; 0 = automatic (see ``losses.default_chunk_rows``)
     loss_chunk_rows: int = 0
+    #: nats per KL token the KL may reach; when set, kl_coef is the starting value of a multiplier that the
+    #: controller (:class:`KLController`) adapts to hold the smoothed KL at this budget
+    drift_budget: float | None = None
+
+
+@dataclass
+class KLController:
+    """Holds the KL at a budget by adapting its coefficient (a Lagrange multiplier, by dual ascent).
+
+    After every optimizer step whose KL was measured, with ``kl`` the step's KL averaged over its micro-batches
+    and all ranks (the same value on every rank):
+
+        smoothed <- kl                                     (first measurement)
+        smoothed <- (1 - ema) * smoothed + ema * kl        (afterwards)
+        log(coef) <- log(coef) + rate * clip(log(smoothed / budget), -1, 1)
+
+    The step is multiplicative and symmetric (a KL twice the budget raises the coefficient as much as half
+    the budget lowers it), at most x e^rate per step (1.11 at rate 0.1), so a coefficient 100x off is
+    corrected in about 50 steps; the clip keeps one noisy step from swinging it; the moving average (time
+    constant 1 / ema = 4 steps) filters the per-batch noise of the KL. It is PPO's adaptive-KL rule
+    (Ziegler et al. 2019) in log space with a smoothed KL. The coefficient is kept within 1e-4..1e4 x its
+    starting value: under gradient clipping and Adam, a coefficient far beyond the point where the KL's
+    gradient dominates changes nothing, and would only wind up.
+    """
+
+    coef: float
+    budget: float
+    rate: float = 0.3
+    ema: float = 0.25
+    smoothed: float | None = None
+    start: float | None = None
+
+    def update(self, kl: float) -> None:
+        """One step of the controller with the step's measured (global) KL."""
+        self.start = self.coef if self.start is None else self.start
+        self.smoothed = kl if self.smoothed is None else (1 - self.ema) * self.smoothed + self.ema * kl
+        error = max(-1.0, min(1.0, math.log(max(self.smoothed, 1e-12) / self.budget)))
+        coef = self.coef * math.exp(self.rate * error)
+        self.coef = min(max(coef, self.start * 1e-4), self.start * 1e4)
 
 
 @contextmanager
@@ -172,6 +212,13 @@ class ARRTrainer(Trainer):
         self._last_logged_step = 0
         #: the optimizer step (1-based) whose loss was NaN or inf, once training stopped because of it
         self.nonfinite_step: int | None = None
+        #: the drift-budget controller (None: kl_coef is fixed)
+        self.controller = (
+            KLController(arr.kl_coef, arr.drift_budget) if arr.drift_budget and arr.kl_coef > 0 else None
+        )
+        self._step_kl: list[float] = []  # KL of this optimizer step's micro-batches, for the controller
+        if self.controller is not None:
+            self.add_callback(_ControllerStep(self))
 
     # -- the loss ------------------------------------------------------------------------------------
     def _parts(self, inputs: dict[str, torch.Tensor]) -> list[_Part]:
@@ -189,7 +236,8 @@ class ARRTrainer(Trainer):
                 _Part("replay", rb["input_ids"], rb["labels"], rb["attention_mask"], 0.0, 0.0, False)
             )
         # kl_every = n: the KL on one optimizer step in n, weighted n x (same expected penalty, 1/n the cost)
-        kl_coef = arr.kl_coef * arr.kl_every if self.state.global_step % arr.kl_every == 0 else 0.0
+        coef = self.controller.coef if self.controller is not None else arr.kl_coef
+        kl_coef = coef * arr.kl_every if self.state.global_step % arr.kl_every == 0 else 0.0
         kl_parts = [p for p in parts if arr.kl_on in (p.name, "both")] if kl_coef > 0 else []
         for part in kl_parts:  # kl_fraction: the KL (and the reference forward) on the first rows only
             part.kl_rows = max(1, math.ceil(arr.kl_fraction * len(part.ids)))
@@ -285,6 +333,7 @@ class ARRTrainer(Trainer):
         if kl_parts:
             n_kl = sum(p.n_kl_targets for p in kl_parts)
             terms["kl"] = sum(sums[f"{p.name}_kl"] for p in kl_parts) / max(n_kl, 1)
+            self._step_kl.append(float(terms["kl"].detach()))
         self._record(**terms)
 
     def _run_passes(
@@ -333,6 +382,18 @@ class ARRTrainer(Trainer):
             self.control.should_training_stop = True
         return loss
 
+    def controller_step(self) -> None:
+        """After an optimizer step: the controller's update with this step's KL, averaged over ranks (every
+        rank gets the same value, so every rank holds the same coefficient). Steps without a KL (kl_every)
+        leave it as it is."""
+        measured = torch.tensor([sum(self._step_kl), float(len(self._step_kl))], dtype=torch.float64,
+                                device=self.args.device)  # fmt: skip
+        self._step_kl = []
+        if self.args.world_size > 1:
+            measured = self.accelerator.reduce(measured, reduction="sum")
+        if self.controller is not None and float(measured[1]) > 0:
+            self.controller.update(float(measured[0] / measured[1]))
+
     # -- logging -------------------------------------------------------------------------------------
     def _record(self, **terms: torch.Tensor | None) -> None:
         for name, value in terms.items():
@@ -360,6 +421,11 @@ class ARRTrainer(Trainer):
             if "learning_rate" in logs:
                 logs["lr"] = logs["learning_rate"]
             logs["sft_tokens_per_s"] = totals[-1][0] / elapsed
+            if self.controller is not None:
+                logs["kl_coef"] = self.controller.coef
+                logs["drift_budget"] = self.controller.budget
+                if self.controller.smoothed is not None:
+                    logs["kl_smoothed"] = self.controller.smoothed
             logs["step_time_s"] = elapsed / max(self.state.global_step - self._last_logged_step, 1)
             self._last_logged_step = self.state.global_step
             self._terms, self._term_counts, self._sft_tokens = {}, {}, 0
@@ -398,6 +464,8 @@ class ARRTrainer(Trainer):
                     path = Path(staging, name, REPLAY_STATE.format(rank=state["rank"]))
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(state))
+        if self.controller is not None and self.args.should_save:
+            Path(staging, name, CONTROLLER_STATE).write_text(json.dumps(asdict(self.controller)))
         if self.args.should_save:
             write_manifest(os.path.join(staging, name))  # last: a checkpoint with a valid manifest is whole
         self.accelerator.wait_for_everyone()
@@ -413,6 +481,13 @@ class ARRTrainer(Trainer):
         """Restore this rank's replay stream position (and the step bookkeeping) from a checkpoint directory."""
         step = Path(checkpoint).name.rsplit("-", 1)[-1]
         self._last_logged_step = int(step) if step.isdigit() else 0
+        if self.controller is not None:
+            path = Path(checkpoint, CONTROLLER_STATE)
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+                self.controller = KLController(**saved)
+            except (OSError, ValueError, TypeError) as exc:
+                raise ArrtuneError(f"{path}: unreadable drift-budget controller state ({exc})") from exc
         if self.replay is None:
             return
         path = Path(checkpoint, REPLAY_STATE.format(rank=self.args.process_index))
@@ -431,6 +506,16 @@ class ARRTrainer(Trainer):
 def _n_targets(labels: torch.Tensor) -> int:
     """Label tokens of a batch, after the one-position shift (each is predicted by the position before)."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+class _ControllerStep(TrainerCallback):
+    """Runs the drift-budget controller after every optimizer step."""
+
+    def __init__(self, trainer: ARRTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[override]
+        self.trainer.controller_step()
 
 
 class MetricsJsonl(TrainerCallback):

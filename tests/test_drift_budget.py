@@ -1,0 +1,77 @@
+"""The drift budget: kl_coef becomes a multiplier that holds the smoothed KL at ``drift_budget``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from arrtune.config import load_config
+from arrtune.errors import ArrtuneError
+from arrtune.recipe import train
+from arrtune.trainer import KLController
+
+BUDGET = 0.005  # nats per replay token; with these settings a fixed kl_coef of about 30 holds it
+
+
+def _args(model: Path, out: Path, coef: float, steps: int, **extra: object) -> list[str]:
+    values = {"model": model, "output_dir": out, "method": "arr", "kl_coef": coef, "drift_budget": BUDGET,
+              "max_steps": steps, "warmup_steps": 0, "per_device_train_batch_size": 4, "learning_rate": 0.01,
+              "precision": "fp32", "disable_tqdm": True, **extra}  # fmt: skip
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _records(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "kl_coef" in r]
+
+
+def test_controller_rule() -> None:
+    ctl = KLController(coef=1.0, budget=0.1)
+    ctl.update(0.2)  # twice the budget: up by e^(0.3 log 2)
+    assert ctl.smoothed == 0.2 and ctl.coef == pytest.approx(2**0.3)
+    ctl.update(0.05)
+    assert ctl.smoothed == pytest.approx(0.75 * 0.2 + 0.25 * 0.05)
+    for _ in range(200):
+        ctl.update(0.0)  # no drift at all: the coefficient falls, but not below 1e-4 x its start
+    assert ctl.coef == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("start", [0.3, 3000.0])  # 100x below and above the coefficient that holds the budget
+def test_closed_loop_reaches_the_budget_from_far_off(
+    start: float, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    run = train(load_config(None, _args(tiny_model_dir, tmp_path / "run", start, 150)))
+    records = _records(run)
+    assert len(records) == 150 and all(r["drift_budget"] == BUDGET for r in records)
+    final = records[-1]["kl_smoothed"]
+    assert BUDGET * 0.5 <= final <= BUDGET * 1.5, final
+    # it moved the coefficient towards the right range (about 30), from either side
+    assert 3 <= records[-1]["kl_coef"] <= 3000
+
+
+def test_controller_state_is_checkpointed_and_resumed(tiny_model_dir: Path, tmp_path: Path) -> None:
+    full = train(load_config(None, _args(tiny_model_dir, tmp_path / "full", 30.0, 8, save_steps=4)))
+    saved = json.loads((full / "checkpoints" / "checkpoint-4" / "kl_controller.json").read_text())
+    assert saved["coef"] == pytest.approx(_records(full)[3]["kl_coef"])
+    res = tmp_path / "res"
+    shutil.copytree(full, res)
+    config = yaml.safe_load((res / "config.yaml").read_text())
+    (res / "config.yaml").write_text(yaml.safe_dump({**config, "output_dir": str(res)}, sort_keys=False))
+    shutil.rmtree(res / "adapter")
+    shutil.rmtree(res / "checkpoints" / "checkpoint-8")
+    (res / "train_summary.json").unlink()
+    train(load_config(None, _args(tiny_model_dir, res, 30.0, 8, save_steps=4)))
+    want, got = _records(full), _records(res)
+    assert [r["step"] for r in got] == list(range(1, 9))
+    for a, b in zip(want, got):
+        assert a["kl_coef"] == pytest.approx(b["kl_coef"], rel=1e-6)
+
+
+def test_a_budget_needs_a_kl() -> None:
+    with pytest.raises(ArrtuneError, match="drift_budget"):
+        load_config(None, ["method=replay", "drift_budget=0.1"])
+    with pytest.raises(ArrtuneError, match="drift_budget=-0.1 must be > 0"):
+        load_config(None, ["drift_budget=-0.1"])
