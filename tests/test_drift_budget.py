@@ -7,11 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 from arrtune.config import load_config
 from arrtune.errors import ArrtuneError
 from arrtune.recipe import train
+from arrtune.testing import copy_run
 from arrtune.trainer import KLController
 
 BUDGET = 0.005  # nats per replay token; with these settings a fixed kl_coef of about 30 holds it
@@ -56,10 +56,7 @@ def test_controller_state_is_checkpointed_and_resumed(tiny_model_dir: Path, tmp_
     full = train(load_config(None, _args(tiny_model_dir, tmp_path / "full", 30.0, 8, save_steps=4)))
     saved = json.loads((full / "checkpoints" / "checkpoint-4" / "kl_controller.json").read_text())
     assert saved["coef"] == pytest.approx(_records(full)[3]["kl_coef"])
-    res = tmp_path / "res"
-    shutil.copytree(full, res)
-    config = yaml.safe_load((res / "config.yaml").read_text())
-    (res / "config.yaml").write_text(yaml.safe_dump({**config, "output_dir": str(res)}, sort_keys=False))
+    res = copy_run(full, tmp_path / "res")
     shutil.rmtree(res / "adapter")
     shutil.rmtree(res / "checkpoints" / "checkpoint-8")
     (res / "train_summary.json").unlink()

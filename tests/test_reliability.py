@@ -3,6 +3,7 @@ input that leave run directories untouched, NaN/inf stops, fuzzed loaders, and s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from arrtune.data.sft import load_sft_examples
 from arrtune.errors import ArrtuneError
 from arrtune.models import load_model
 from arrtune.recipe import CHECKPOINT_FILES, last_complete_checkpoint, train
+from arrtune.testing import copy_run
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "arrtune"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
@@ -90,15 +92,6 @@ def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
         for p in root.rglob("*")
         if p.is_file()
     }
-
-
-def copy_run(src: Path, dst: Path) -> Path:
-    """A copy of a run directory whose config.yaml names its new place."""
-    shutil.copytree(src, dst)
-    saved = yaml.safe_load((dst / "config.yaml").read_text())
-    saved["output_dir"] = str(dst)
-    (dst / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-    return dst
 
 
 def error_line(stderr: str) -> str:
@@ -578,18 +571,24 @@ def test_yaml_with_a_byte_order_mark_and_duplicate_keys_in_nested_grid_mappings(
 # 2. the environment: read-only or impossible locations get one line before the model is loaded
 
 
+@contextlib.contextmanager
+def tmpfs(mount: Path, options: str):
+    """A tmpfs mounted at ``mount`` for the block (the test is skipped where mounting is not allowed)."""
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
 @pytest.fixture
 def read_only_dir(tmp_path: Path):
     """A read-only file system (a tmpfs mounted ro): as root, chmod would not stop writes."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as mount:
+        yield mount
 
 
 def test_read_only_output_and_cache_are_one_line_before_loading(read_only_dir: Path, tiny_model_dir: Path,
@@ -787,18 +786,9 @@ def test_data_files_with_a_byte_order_mark_load(tiny_tokenizer, tmp_path: Path) 
 def test_disk_full_is_one_line(
     tiny_model_dir: Path, inputs: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        monkeypatch.setenv("ARRTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ARRTUNE_CACHE", str(tmp_path / "cache"))
+    with tmpfs(tmp_path / "small", "size=12k") as mount:
         code = main(["train", f"model={tiny_model_dir}", f"data={inputs / 'sft.jsonl'}", "method=sft",
                      "max_steps=1", f"output_dir={mount / 'run'}", "disable_tqdm=true"])  # fmt: skip
         assert code == 2
         assert "No space left on device" in error_line(capsys.readouterr().err)
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)

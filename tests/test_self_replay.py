@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from arrtune.config import load_config
@@ -17,6 +16,7 @@ from arrtune.data.self_replay import load_prompts
 from arrtune.errors import ArrtuneError
 from arrtune.losses import IGNORE_INDEX
 from arrtune.recipe import train
+from arrtune.testing import copy_run
 
 
 def _norm(text: str) -> str:
@@ -137,10 +137,7 @@ def test_mixed_self_replay_resumes_to_the_same_adapter(
     state = json.loads((full / "checkpoints" / "checkpoint-4" / "replay_state_rank0.json").read_text())
     assert {"first", "second"} <= set(state)
 
-    res = tmp_path / "res"
-    shutil.copytree(full, res)
-    saved = yaml.safe_load((res / "config.yaml").read_text())
-    (res / "config.yaml").write_text(yaml.safe_dump({**saved, "output_dir": str(res)}, sort_keys=False))
+    res = copy_run(full, tmp_path / "res")
     shutil.rmtree(res / "adapter")
     shutil.rmtree(res / "checkpoints" / "checkpoint-8")
     (res / "train_summary.json").unlink()

@@ -63,3 +63,17 @@ def build_tiny_model(
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def copy_run(src: str | Path, dst: str | Path) -> Path:
+    """A copy of a run directory whose ``config.yaml`` names its new place (so that it can be resumed there)."""
+    import shutil
+
+    import yaml
+
+    dst = Path(dst)
+    shutil.copytree(src, dst)
+    saved = yaml.safe_load((dst / "config.yaml").read_text())
+    saved["output_dir"] = str(dst)
+    (dst / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    return dst
