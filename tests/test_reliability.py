@@ -23,13 +23,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+from arrtune.checkpoint import CHECKPOINT_FILES, last_complete_checkpoint
 from arrtune.cli import main
 from arrtune.config import TrainConfig, load_config
 from arrtune.data.replay import ReplayStream
 from arrtune.data.sft import load_sft_examples
 from arrtune.errors import ArrtuneError
 from arrtune.models import load_model
-from arrtune.recipe import CHECKPOINT_FILES, last_complete_checkpoint, train
+from arrtune.recipe import train
 from arrtune.testing import copy_run
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "arrtune"

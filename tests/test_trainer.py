@@ -290,7 +290,7 @@ def test_an_architecture_with_unknown_logit_scaling_is_refused(tiny_tokenizer, t
 
 
 def test_precision_auto_is_bf16_on_cpus_with_native_bf16_matmul() -> None:
-    from arrtune.recipe import cpu_has_native_bf16, use_bf16
+    from arrtune.config import cpu_has_native_bf16, use_bf16
 
     assert cpu_has_native_bf16("flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_fp16")
     assert cpu_has_native_bf16("flags\t\t: fpu amx_bf16 amx_tile")

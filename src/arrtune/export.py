@@ -99,7 +99,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, adapter_only:
     """Write the run's merged model (or adapter) with a model card into ``out``; returns ``out``."""
     from peft import PeftModel
 
-    from arrtune.models import load_model, load_tokenizer, shareable_base_id
+    from arrtune.models import load_model, load_tokenizer, name_base_model, shareable_base_id
 
     run, config, evaluation = read_run(run_dir)
     out = Path(out)
@@ -120,8 +120,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, adapter_only:
     os.chmod(staging, 0o755)
     try:
         if adapter_only:
-            for adapter_config in model.peft_config.values():
-                adapter_config.base_model_name_or_path = base_id
+            name_base_model(model, base_id)
             model.save_pretrained(staging, safe_serialization=True)
         else:
             merged = model.merge_and_unload()

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -47,6 +48,12 @@ def shareable_base_id(spec: str) -> str | None:
     """The Hub id an adapter trained on model ``spec`` should name as its base: the upstream id of a built-in
     alias, else None (keep what PEFT records)."""
     return UPSTREAM_IDS.get(spec)
+
+
+def name_base_model(peft_model: Any, base_id: str) -> None:
+    """Make every adapter of ``peft_model`` name ``base_id`` as its base model when saved."""
+    for adapter_config in getattr(peft_model, "peft_config", {}).values():
+        adapter_config.base_model_name_or_path = base_id
 
 
 def builtin_alias(model_id: str) -> str | None:

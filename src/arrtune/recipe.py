@@ -27,14 +27,13 @@ import torch
 import yaml
 
 from arrtune.atomic import write_atomic
-from arrtune.checkpoint import (  # noqa: F401  (CHECKPOINT_FILES: re-exported)
-    CHECKPOINT_FILES,
+from arrtune.checkpoint import (
     LOCK_NAME,
     hold_lock,
     last_complete_checkpoint,
     release_lock,
 )
-from arrtune.config import TrainConfig, cpu_has_native_bf16, dump_yaml_atomic, use_bf16  # noqa: F401
+from arrtune.config import TrainConfig, dump_yaml_atomic
 from arrtune.errors import ArrtuneError
 
 log = logging.getLogger("arrtune")
@@ -108,8 +107,9 @@ def _save_adapter_atomic(model: Any, target: Path, base_id: str | None = None) -
     os.chmod(tmp, 0o755)
     try:
         if base_id:
-            for adapter_config in getattr(model, "peft_config", {}).values():
-                adapter_config.base_model_name_or_path = base_id
+            from arrtune.models import name_base_model
+
+            name_base_model(model, base_id)
         model.save_pretrained(tmp, safe_serialization=True)
         if target.exists():
             shutil.rmtree(target)
