@@ -20,9 +20,10 @@ from arrtune.config import load_config
 from arrtune.data.replay import ReplayStream
 from arrtune.data.sft import collate_sft, load_sft_examples
 from arrtune.errors import ArrtuneError
+from arrtune.lm import reference_head, reference_hidden
 from arrtune.losses import arr_loss
 from arrtune.recipe import train
-from arrtune.trainer import ARRSettings, ARRTrainer, reference_head, reference_hidden
+from arrtune.trainer import ARRSettings, ARRTrainer
 
 
 def lora_model(model_dir: Path, seed: int = 0, randomize_b: bool = False):

@@ -26,8 +26,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from arrtune.checkpoint import truncate_metrics, write_manifest
 from arrtune.data.replay import ReplayStream
 from arrtune.errors import ArrtuneError
+from arrtune.lm import base_model, output_head, reference_head, reference_hidden
 from arrtune.losses import IGNORE_INDEX, KLTerm, default_chunk_rows, head_losses
 
 REPLAY_STATE = "replay_state_rank{rank}.json"
@@ -103,75 +103,6 @@ class KLController:
         self.coef = min(max(coef, self.start * 1e-4), self.start * 1e4)
 
 
-@contextmanager
-def adapter_disabled(peft_model: Any):
-    """Run the wrapped network as the initial model (PEFT adapter off); a no-op for plain models."""
-    if hasattr(peft_model, "disable_adapter"):
-        with peft_model.disable_adapter():
-            yield
-    else:
-        yield
-
-
-def _base_model(peft_model: Any) -> Any:
-    """The transformers model inside a PEFT wrapper (the model itself when it is not wrapped)."""
-    return peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-
-
-def output_head(peft_model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The model's output layer as a function ``hidden -> logits``, with final logit soft-capping (Gemma).
-
-    A frozen plain ``nn.Linear`` head is cast to the autocast dtype once per function, not once per chunk
-    (autocast re-casts frozen weights on every call).
-    """
-    base = _base_model(peft_model)
-    head = base.get_output_embeddings()
-    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    cap = getattr(config, "final_logit_softcapping", None)
-    plain = type(head) is torch.nn.Linear and not head.weight.requires_grad
-    cast: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None]] = {}
-
-    def apply(hidden: torch.Tensor) -> torch.Tensor:
-        device = hidden.device.type
-        if plain and torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
-            if dtype not in cast:
-                cast[dtype] = (head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype))
-            logits = torch.nn.functional.linear(hidden.to(dtype), *cast[dtype])
-        else:
-            logits = head(hidden)
-        return torch.tanh(logits / cap) * cap if cap else logits
-
-    return apply
-
-
-def reference_hidden(peft_model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states of the initial model (adapter disabled, no gradient, no dropout even while the
-    model trains: the reference is the deterministic initial model): ``(B, T, H)``."""
-    decoder = _base_model(peft_model).get_decoder()
-    was_training = decoder.training
-    decoder.eval()
-    try:
-        with torch.no_grad(), adapter_disabled(peft_model):
-            return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    finally:
-        decoder.train(was_training)
-
-
-def reference_head(
-    peft_model: Any, head: Callable[[torch.Tensor], torch.Tensor] | None = None
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The initial model's output layer as a function ``hidden -> logits`` (``head``: the policy's
-    :func:`output_head`, to share its cast weight; run here with the adapter disabled)."""
-    head = head or output_head(peft_model)
-
-    def apply(hidden: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), adapter_disabled(peft_model):
-            return head(hidden)
-
-    return apply
-
-
 @dataclass
 class _Part:
     """SFT or replay rows of one micro-batch, with the weights of their loss terms."""
@@ -202,7 +133,7 @@ class ARRTrainer(Trainer):
         self.model_accepts_loss_kwargs = False  # our loss is a per-micro-batch mean; Trainer scales for GA
         #: SFT and replay rows in one forward/backward instead of two (DeepSpeed steps inside backward)
         self.joint_passes = self.accelerator.distributed_type == DistributedType.DEEPSPEED
-        base = _base_model(self.accelerator.unwrap_model(self.model))
+        base = base_model(self.accelerator.unwrap_model(self.model))
         self._keep_one_logit = "logits_to_keep" in inspect.signature(base.forward).parameters
         self._head_checked = False
         self._terms: dict[str, float] = {}
@@ -256,7 +187,7 @@ class ARRTrainer(Trainer):
         On the first call those logits are compared with the output head applied here, so an architecture
         that transforms its logits in a way :func:`output_head` does not know fails loudly.
         """
-        decoder = _base_model(self.accelerator.unwrap_model(model)).get_decoder()
+        decoder = base_model(self.accelerator.unwrap_model(model)).get_decoder()
         captured: list[torch.Tensor] = []
 
         def keep(_module: Any, _args: Any, output: Any) -> None:
@@ -275,7 +206,7 @@ class ARRTrainer(Trainer):
                 theirs = outputs.logits[:, -1].detach().float()
             if not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3 * float(theirs.abs().max()) + 1e-5):
                 raise ArrtuneError(
-                    f"{type(_base_model(model)).__name__}: its logits are not output_layer(final hidden "
+                    f"{type(base_model(model)).__name__}: its logits are not output_layer(final hidden "
                     "states) (max diff "
                     f"{float((ours - theirs).abs().max()):.3g}); arrtune does not support this architecture yet"
                 )
@@ -310,7 +241,7 @@ class ARRTrainer(Trainer):
                 drop if bool((drop != IGNORE_INDEX).any()) else None,
             )  # fmt: skip
         hidden = self._policy_hidden(model, ids, attention)
-        out_layer = _base_model(peft_model).get_output_embeddings()
+        out_layer = base_model(peft_model).get_output_embeddings()
         head_params = [p for p in out_layer.parameters() if p.requires_grad]
         chunk_rows = arr.loss_chunk_rows or default_chunk_rows(out_layer.weight.shape[0])
         loss, ce_tok, kl_tok = head_losses(

@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from arrtune.data.jsonl import parse_json, read_jsonl, read_utf8
 from arrtune.errors import ArrtuneError
+from arrtune.lm import chat_template_ids
 from arrtune.losses import IGNORE_INDEX
 
 
@@ -152,26 +153,17 @@ def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     )
 
 
-def _template(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(ids)
-
-
 def tokenize_messages(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels (``IGNORE_INDEX`` except on assistant turns) using the tokenizer's chat template."""
-    if tokenizer.chat_template is None:
-        raise ArrtuneError("model: the tokenizer has no chat template; use an instruction-tuned model")
-    ids = _template(tokenizer, messages, generation_prompt=False)
+    ids = chat_template_ids(tokenizer, messages, generation_prompt=False)
     labels = [IGNORE_INDEX] * len(ids)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(_template(tokenizer, messages[:i], generation_prompt=True))
-        end = len(_template(tokenizer, messages[: i + 1], generation_prompt=False))
+        start = len(chat_template_ids(tokenizer, messages[:i], generation_prompt=True))
+        end = len(chat_template_ids(tokenizer, messages[: i + 1], generation_prompt=False))
         labels[start:end] = ids[start:end]
     return ids, labels
 

@@ -1,80 +1,20 @@
-"""Shared plumbing for the evaluation modules: model parts, evaluation mode, statistics, subsets.
-
-Scoring only needs log-probabilities at a few positions, so instead of calling the model's full forward (which
-applies the output head to every position) the scorers run the decoder stack, pick the hidden states they need
-and apply the output head to those alone, in chunks. :class:`LMParts` hides how that is done; models whose head
-is more than a plain linear layer (logit soft-capping or scaling) fall back to the full forward.
-"""
+"""Helpers shared by the evaluation modules: batching, evaluation mode, statistics, fixed-seed subsets and
+tokenization as lm-evaluation-harness does it. (How a model is run as decoder + head lives in
+:mod:`arrtune.lm`, shared with training.)"""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import random
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
 import torch
 
+from arrtune.lm import base_model
+
 T = TypeVar("T")
-
-#: config attributes that make the output head more than ``lm_head(hidden)``
-_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a PEFT wrapper (LoRA layers stay injected), or the model itself."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def base_context(model: torch.nn.Module) -> Callable[[], AbstractContextManager]:
-    """Factory of the context in which ``model`` behaves as its base model (PEFT ``disable_adapter``)."""
-    disable = getattr(model, "disable_adapter", None)
-    if disable is None:
-        raise TypeError("the model has no adapter (expected a peft.PeftModel); pass base_context explicitly")
-    return disable
-
-
-def null_context() -> AbstractContextManager:
-    return contextlib.nullcontext()
-
-
-class LMParts:
-    """Run a causal LM as ``decoder -> hidden states`` and ``head -> logits`` so that the head is applied only
-    where log-probabilities are needed."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        inner = unwrap(model)
-        config = getattr(inner, "config", None)
-        self.full_forward = any(
-            getattr(config, name, None) not in (None, 1, 1.0) for name in _HEAD_TRANSFORMS
-        )
-        self.decoder = None if self.full_forward else inner.get_decoder()
-        self.head = None if self.full_forward else inner.get_output_embeddings()
-        if self.decoder is None or self.head is None or self.decoder is inner:
-            self.full_forward = True
-        self.vocab_size = int(inner.get_output_embeddings().weight.shape[0])
-        self.dtype = next(inner.parameters()).dtype
-        self.device = next(inner.parameters()).device
-
-    def hidden(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None
-    ):
-        """Last hidden states (B, T, H), or the logits (B, T, V) when the model needs its full forward."""
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        if position_ids is not None:
-            kwargs["position_ids"] = position_ids
-        if self.full_forward:
-            return self.model(**kwargs).logits
-        return self.decoder(**kwargs).last_hidden_state
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits of selected hidden states (N, H) -> (N, V)."""
-        out = hidden if self.full_forward else self.head(hidden)
-        return out.float()
 
 
 def chunks(n: int, size: int) -> Iterator[slice]:
@@ -142,7 +82,7 @@ def encode(tokenizer, text: str) -> list[int]:
 
 
 def max_positions(model: torch.nn.Module, default: int = 2048) -> int:
-    config = getattr(unwrap(model), "config", None)
+    config = getattr(base_model(model), "config", None)
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:

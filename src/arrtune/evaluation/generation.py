@@ -26,30 +26,20 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from arrtune.errors import ArrtuneError
-from arrtune.evaluation._common import batched, eval_mode, prefix_token_id, unwrap
+from arrtune.evaluation._common import batched, eval_mode, prefix_token_id
+from arrtune.lm import base_model, chat_template_ids
 
 WORD_RE = re.compile(r"[^\W\d_]+")
 
 
-def template_ids(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-    """Token ids of ``messages`` through the tokenizer's chat template (as training tokenizes them)."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ArrtuneError("model: the tokenizer has no chat template; use an instruction-tuned model")
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(ids)
-
-
 def question_prompt_ids(tokenizer, question: str) -> list[int]:
     """A single user turn plus the assistant generation prompt."""
-    return template_ids(tokenizer, [{"role": "user", "content": question}], generation_prompt=True)
+    return chat_template_ids(tokenizer, [{"role": "user", "content": question}], generation_prompt=True)
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
     ids = {tokenizer.eos_token_id}
-    gen_config = getattr(unwrap(model), "generation_config", None)
+    gen_config = getattr(base_model(model), "generation_config", None)
     configured = getattr(gen_config, "eos_token_id", None)
     ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
     return sorted(int(i) for i in ids if i is not None)
@@ -76,7 +66,7 @@ def generate(
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, num_beams=1, eos_token_id=eos, pad_token_id=pad_id, **sampling
     )
-    device = next(unwrap(model).parameters()).device
+    device = next(base_model(model).parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     outputs: list[list[int]] = [[] for _ in prompts]
     with eval_mode(model), tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False) as bar:
@@ -166,8 +156,8 @@ class TaskExample:
 def task_example(tokenizer, messages: list[dict[str, str]]) -> TaskExample:
     """Split a conversation at its last assistant turn into prompt and reference response."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    prompt_ids = template_ids(tokenizer, messages[:last], generation_prompt=True)
-    full = template_ids(tokenizer, messages[: last + 1], generation_prompt=False)
+    prompt_ids = chat_template_ids(tokenizer, messages[:last], generation_prompt=True)
+    full = chat_template_ids(tokenizer, messages[: last + 1], generation_prompt=False)
     user_turns = [m["content"] for m in messages[:last] if m["role"] == "user"]
     return TaskExample(
         prompt=user_turns[-1] if user_turns else "",

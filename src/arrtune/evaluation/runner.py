@@ -36,7 +36,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cache
 from pathlib import Path
@@ -44,16 +44,7 @@ from typing import Any
 
 from arrtune.atomic import write_atomic
 from arrtune.errors import ArrtuneError
-from arrtune.evaluation._common import (
-    base_context as peft_base_context,
-)
-from arrtune.evaluation._common import (
-    binomial_stderr,
-    mean,
-    null_context,
-    paired_stderr,
-    subset_indices,
-)
+from arrtune.evaluation._common import binomial_stderr, mean, paired_stderr, subset_indices
 from arrtune.evaluation.benchmarks import benchmark_name, load_benchmark
 from arrtune.evaluation.form import measure_bleed
 from arrtune.evaluation.generation import (
@@ -68,6 +59,7 @@ from arrtune.evaluation.generation import (
 )
 from arrtune.evaluation.scoring import score_items
 from arrtune.evaluation.text import score_sequences, text_metrics
+from arrtune.lm import adapter_disabled
 
 DEFAULT_BENCHMARKS = [
     "arc_easy",
@@ -323,7 +315,7 @@ def _run(
     own = "base" if pair else "model"  # the column of the base model
     cached = pair and cache is not None  # base column from an earlier evaluate_single
     computed = [c for c in columns if not (cached and c == "base")]
-    contexts = {"base": base_ctx, "adapted": null_context, "model": null_context}
+    contexts = {"base": base_ctx, "adapted": nullcontext, "model": nullcontext}
     metrics: dict[str, dict[str, Any]] = {c: {} for c in columns}
     per_item: dict[str, dict[str, list[int]]] = {c: {} for c in columns}  # 0/1 per item, for paired stderr
     timing: dict[str, dict[str, float]] = {c: {} for c in columns}
@@ -597,7 +589,7 @@ def evaluate_model_pair(
     the cached one). A result computed with another config raises ``ValueError``."""
     cfg = cfg or EvalConfig()
     cache = None if base_result is None else _check_base_result(base_result, cfg)
-    ctx = base_context or peft_base_context(peft_model)
+    ctx = base_context or _adapter_off(peft_model)
     return _run(peft_model, tokenizer, cfg, ctx, progress, cache)
 
 
@@ -691,3 +683,10 @@ def write_eval_json(result: dict[str, Any], path: str | Path) -> Path:
     non-finite numbers become ``null``."""
     text = json.dumps(_jsonable(result), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     return write_atomic(path, text)
+
+
+def _adapter_off(peft_model: Any) -> Callable[[], AbstractContextManager]:
+    """Factory of the context in which ``peft_model`` is its base model (PEFT ``disable_adapter``)."""
+    if not hasattr(peft_model, "disable_adapter"):
+        raise TypeError("the model has no adapter (expected a peft.PeftModel); pass base_context explicitly")
+    return lambda: adapter_disabled(peft_model)

@@ -28,7 +28,6 @@ import torch
 from tqdm.auto import tqdm
 
 from arrtune.evaluation._common import (
-    LMParts,
     binomial_stderr,
     chunks,
     encode,
@@ -36,9 +35,9 @@ from arrtune.evaluation._common import (
     max_positions,
     mean,
     prefix_token_id,
-    unwrap,
 )
 from arrtune.evaluation.benchmarks import MCItem
+from arrtune.lm import LMParts, base_model
 
 HEAD_CHUNK = 512  # positions per output-head chunk (512 x 49152 float32 logits = 100 MB)
 ROW_TOKENS = 256  # minimum packed row width: short items are packed several to a row
@@ -212,7 +211,7 @@ def _score_rows(
 
 def tree_attention_supported(model) -> bool:
     """Whether the model's attention takes the custom 4-D masks of packed prefix trees (eager, sdpa)."""
-    config = getattr(unwrap(model), "config", None)
+    config = getattr(base_model(model), "config", None)
     return getattr(config, "_attn_implementation", "sdpa") in (None, "eager", "sdpa")
 
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from arrtune.evaluation._common import LMParts, batched, chunks, eval_mode, prefix_token_id
+from arrtune.evaluation._common import batched, chunks, eval_mode, prefix_token_id
+from arrtune.lm import LMParts
 
 HEAD_CHUNK = 512  # positions per output-head chunk
 

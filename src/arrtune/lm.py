@@ -1,0 +1,145 @@
+"""Model plumbing shared by training and evaluation: one place that knows how a causal LM is put together.
+
+* :func:`base_model` unwraps PEFT; :func:`adapter_disabled` runs the network as the initial model;
+* :func:`output_head` is the output layer as ``hidden -> logits``, with final-logit soft-capping (Gemma);
+* :func:`reference_hidden` / :func:`reference_head` are the initial model's final hidden states and head
+  (adapter off, no gradient, no dropout): the KL's reference;
+* :class:`LMParts` runs a model as decoder, then head, so evaluation applies the head only where it needs
+  log-probabilities;
+* :func:`chat_template_ids` is the chat template as token ids (training and evaluation tokenize alike).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from arrtune.errors import ArrtuneError
+
+#: config attributes that make the output head more than ``lm_head(hidden)`` beyond soft-capping: models
+#: with one of them set are run through their own forward in evaluation, and refused in training (where the
+#: first step compares the model's logits with :func:`output_head`'s)
+OTHER_HEAD_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def base_model(model: Any) -> Any:
+    """The transformers model inside a PEFT wrapper (LoRA layers stay injected), or the model itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+@contextmanager
+def adapter_disabled(model: Any) -> Iterator[None]:
+    """Run the wrapped network as the initial model (PEFT adapter off); a no-op for plain models."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield
+    else:
+        yield
+
+
+def _text_config(model: Any) -> Any:
+    config = base_model(model).config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def output_head(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's output layer as a function ``hidden -> logits``, with final logit soft-capping (Gemma).
+
+    A frozen plain ``nn.Linear`` head is cast to the autocast dtype once per function, not once per chunk
+    (autocast re-casts frozen weights on every call).
+    """
+    head = base_model(model).get_output_embeddings()
+    cap = getattr(_text_config(model), "final_logit_softcapping", None)
+    plain = type(head) is torch.nn.Linear and not head.weight.requires_grad
+    cast: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def apply(hidden: torch.Tensor) -> torch.Tensor:
+        device = hidden.device.type
+        if plain and torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            if dtype not in cast:
+                cast[dtype] = (head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype))
+            logits = torch.nn.functional.linear(hidden.to(dtype), *cast[dtype])
+        else:
+            logits = head(hidden)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    return apply
+
+
+def reference_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states of the initial model (adapter disabled, no gradient, no dropout even while the
+    model trains: the reference is the deterministic initial model): ``(B, T, H)``."""
+    decoder = base_model(model).get_decoder()
+    was_training = decoder.training
+    decoder.eval()
+    try:
+        with torch.no_grad(), adapter_disabled(model):
+            return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    finally:
+        decoder.train(was_training)
+
+
+def reference_head(
+    model: Any, head: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The initial model's output layer as a function ``hidden -> logits`` (``head``: the policy's
+    :func:`output_head`, to share its cast weight; run here with the adapter disabled)."""
+    head = head or output_head(model)
+
+    def apply(hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), adapter_disabled(model):
+            return head(hidden)
+
+    return apply
+
+
+class LMParts:
+    """Run a causal LM as ``decoder -> hidden states`` and ``head -> logits`` so that the head is applied only
+    where log-probabilities are needed (models with an output transform other than soft-capping run their
+    full forward instead)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        inner = base_model(model)
+        config = _text_config(model)
+        self.full_forward = any(
+            getattr(config, name, None) not in (None, 1, 1.0) for name in OTHER_HEAD_TRANSFORMS
+        )
+        self.decoder = None if self.full_forward else inner.get_decoder()
+        self.head = None if self.full_forward else output_head(model)
+        if self.decoder is None or self.decoder is inner:
+            self.full_forward = True
+        self.vocab_size = int(inner.get_output_embeddings().weight.shape[0])
+        self.dtype = next(inner.parameters()).dtype
+        self.device = next(inner.parameters()).device
+
+    def hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Last hidden states (B, T, H), or the logits (B, T, V) when the model needs its full forward."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        if self.full_forward:
+            return self.model(**kwargs).logits
+        return self.decoder(**kwargs).last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of selected hidden states (N, H) -> (N, V)."""
+        out = hidden if self.head is None else self.head(hidden)
+        return out.float()
+
+
+def chat_template_ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    """Token ids of ``messages`` through the tokenizer's chat template (training and evaluation alike)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ArrtuneError("model: the tokenizer has no chat template; use an instruction-tuned model")
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
