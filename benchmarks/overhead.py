@@ -102,12 +102,12 @@ def worker(args: argparse.Namespace) -> None:
     import resource
 
     from peft import LoraConfig, get_peft_model
-    from transformers import TrainingArguments
 
     import arrtune.trainer as trainer_module
+    from arrtune.config import build_config
     from arrtune.data.replay import ReplayStream
     from arrtune.data.sft import collate_sft, load_sft_examples
-    from arrtune.trainer import ARRSettings, ARRTrainer
+    from arrtune.trainer import ARRTrainer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = build_model(args.model)
@@ -137,14 +137,14 @@ def worker(args: argparse.Namespace) -> None:
         rows.append({"input_ids": ids, "labels": labels})
     batch = {k: v.to(device) for k, v in collate_sft(rows, tokenizer.pad_token_id).items()}
     sft_tokens = int(batch["attention_mask"].sum())
-    targs = TrainingArguments(output_dir="/tmp/arrtune-bench", report_to="none", use_cpu=device == "cpu",
-                              max_steps=1, bf16=args.precision == "bf16")  # fmt: skip
     replay = ReplayStream("builtin", tokenizer)
     trainers = {}
     for method in args.methods:
         kl, ratio, fraction = SETTINGS[method]
-        settings = ARRSettings(kl_coef=kl, replay_ratio=ratio, kl_on="both", kl_fraction=fraction)
-        trainers[method] = ARRTrainer(model=model, args=targs, processing_class=tokenizer, arr=settings,
+        targs = build_config({"output_dir": "/tmp/arrtune-bench", "use_cpu": device == "cpu", "max_steps": 1,
+                              "precision": args.precision, "kl_coef": kl, "replay_ratio": ratio, "kl_on": "both",
+                              "kl_fraction": fraction}, "benchmark")  # fmt: skip
+        trainers[method] = ARRTrainer(model=model, args=targs, processing_class=tokenizer,
                                       replay=replay if ratio else None)  # fmt: skip
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()

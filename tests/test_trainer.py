@@ -8,22 +8,23 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from arrtune.config import load_config
+from arrtune.config import TrainConfig, build_config, load_config
 from arrtune.data.replay import ReplayStream
 from arrtune.data.sft import collate_sft, load_sft_examples
 from arrtune.errors import ArrtuneError
 from arrtune.lm import reference_head, reference_hidden
 from arrtune.losses import arr_loss
 from arrtune.recipe import train
-from arrtune.trainer import ARRSettings, ARRTrainer
+from arrtune.trainer import ARRTrainer
 
 
 def lora_model(model_dir: Path, seed: int = 0, randomize_b: bool = False):
@@ -40,12 +41,24 @@ def lora_model(model_dir: Path, seed: int = 0, randomize_b: bool = False):
     return peft_model
 
 
-def make_trainer(
-    model_dir: Path, tokenizer, tmp_path: Path, settings: ARRSettings, replay=None
-) -> ARRTrainer:
-    args = TrainingArguments(output_dir=str(tmp_path / "ck"), report_to="none", use_cpu=True, max_steps=1)
-    return ARRTrainer(model=lora_model(model_dir, randomize_b=True), args=args, processing_class=tokenizer,
-                      arr=settings, replay=replay)  # fmt: skip
+def arr_config(tmp_path: Path | None = None, **loss: Any) -> TrainConfig:
+    """A one-step training config with these loss settings (no KL, no replay, KL on both kinds of rows unless
+    given)."""
+    values = {
+        "kl_coef": 0.0,
+        "replay_ratio": 0.0,
+        "kl_on": "both",
+        "max_steps": 1,
+        "precision": "fp32",
+        **loss,
+    }
+    values["output_dir"] = str((tmp_path or Path("/tmp/arrtune-test")) / "ck")
+    return build_config(values, "test")
+
+
+def make_trainer(model_dir: Path, tokenizer, tmp_path: Path, loss: dict[str, Any], replay=None) -> ARRTrainer:
+    return ARRTrainer(model=lora_model(model_dir, randomize_b=True), args=arr_config(tmp_path, **loss),
+                      processing_class=tokenizer, replay=replay)  # fmt: skip
 
 
 def sft_batch(tokenizer, n: int = 4):
@@ -54,9 +67,7 @@ def sft_batch(tokenizer, n: int = 4):
 
 
 def test_no_kl_no_replay_is_exactly_plain_sft_loss(tiny_model_dir, tiny_tokenizer, tmp_path) -> None:
-    trainer = make_trainer(
-        tiny_model_dir, tiny_tokenizer, tmp_path, ARRSettings(kl_coef=0.0, replay_ratio=0.0)
-    )
+    trainer = make_trainer(tiny_model_dir, tiny_tokenizer, tmp_path, dict(kl_coef=0.0, replay_ratio=0.0))
     batch = sft_batch(tiny_tokenizer)
     ours = trainer.compute_loss(trainer.model, batch)
     plain = trainer.model(**batch).loss  # transformers' own shifted, masked causal-LM loss
@@ -66,7 +77,7 @@ def test_no_kl_no_replay_is_exactly_plain_sft_loss(tiny_model_dir, tiny_tokenize
 
 def test_kl_and_replay_terms_add_to_the_loss(tiny_model_dir, tiny_tokenizer, tmp_path) -> None:
     replay = ReplayStream("builtin", tiny_tokenizer)
-    settings = ARRSettings(kl_coef=0.5, replay_ratio=1.0, replay_weight=0.3)
+    settings = dict(kl_coef=0.5, replay_ratio=1.0, replay_weight=0.3)
     trainer = make_trainer(tiny_model_dir, tiny_tokenizer, tmp_path, settings, replay)
     batch = sft_batch(tiny_tokenizer)
     loss = trainer.compute_loss(trainer.model, batch)
@@ -171,7 +182,7 @@ def test_cli_train_runs_and_reports_bad_keys(tiny_model_dir, tmp_path) -> None:
 def test_kl_every_skips_the_reference_on_off_steps_and_reweights_on_steps(
     tiny_model_dir, tiny_tokenizer, tmp_path
 ) -> None:
-    settings = ARRSettings(kl_coef=0.5, replay_ratio=0.0, kl_every=3)
+    settings = dict(kl_coef=0.5, replay_ratio=0.0, kl_every=3)
     trainer = make_trainer(tiny_model_dir, tiny_tokenizer, tmp_path, settings)
     batch = sft_batch(tiny_tokenizer)
     trainer.state.global_step = 1  # an off step: no reference forward, no KL term
@@ -183,13 +194,14 @@ def test_kl_every_skips_the_reference_on_off_steps_and_reweights_on_steps(
     assert float(on) == pytest.approx(trainer._terms["sft_loss"] + 1.5 * trainer._terms["kl"], rel=1e-5)
 
 
-def plain_arr_loss(peft_model, base, sft, replay, settings: ARRSettings) -> torch.Tensor:
+def plain_arr_loss(peft_model, base, sft, replay, loss: dict[str, Any]) -> torch.Tensor:
     """The package's plain objective (:func:`arrtune.losses.arr_loss`, full logits) with a separate frozen
     copy of the model as the reference."""
 
     def logits(model, batch):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
 
+    settings = arr_config(**loss)
     with torch.no_grad():
         ref_sft, ref_replay = logits(base, sft), logits(base, replay)
     return arr_loss(
@@ -204,18 +216,18 @@ def plain_arr_loss(peft_model, base, sft, replay, settings: ARRSettings) -> torc
 @pytest.mark.parametrize(
     "settings, joint",
     [
-        (ARRSettings(kl_coef=0.5, replay_ratio=1.0, replay_weight=0.7, kl_on="both"), False),
-        (ARRSettings(kl_coef=0.5, replay_ratio=0.5, kl_on="replay", kl_direction="forward"), False),
+        (dict(kl_coef=0.5, replay_ratio=1.0, replay_weight=0.7, kl_on="both"), False),
+        (dict(kl_coef=0.5, replay_ratio=0.5, kl_on="replay", kl_direction="forward"), False),
         (
-            ARRSettings(kl_coef=0.3, replay_ratio=1.0, kl_on="sft", kl_mask_target=True, loss_chunk_rows=7),
+            dict(kl_coef=0.3, replay_ratio=1.0, kl_on="sft", kl_mask_target=True, loss_chunk_rows=7),
             False,
         ),
-        (ARRSettings(kl_coef=0.5, replay_ratio=1.0, kl_on="both"), True),
-        (ARRSettings(kl_coef=0.5, replay_ratio=1.0, kl_on="both", kl_fraction=0.5), False),
+        (dict(kl_coef=0.5, replay_ratio=1.0, kl_on="both"), True),
+        (dict(kl_coef=0.5, replay_ratio=1.0, kl_on="both", kl_fraction=0.5), False),
     ],
 )
 def test_training_step_gradients_equal_the_plain_full_logits_objective(
-    settings: ARRSettings, joint: bool, tiny_model_dir, tiny_tokenizer, tmp_path
+    settings: dict[str, Any], joint: bool, tiny_model_dir, tiny_tokenizer, tmp_path
 ) -> None:
     """Two passes (SFT, then replay), chunked losses from hidden states, the adapter-off reference: the LoRA
     gradients equal those of the textbook loss with full logits and a separate reference model."""
@@ -224,7 +236,7 @@ def test_training_step_gradients_equal_the_plain_full_logits_objective(
     trainer.joint_passes = joint
     model = trainer.model
     batch = sft_batch(tiny_tokenizer)
-    n_replay = round(settings.replay_ratio * int(batch["attention_mask"].sum()))
+    n_replay = round(settings["replay_ratio"] * int(batch["attention_mask"].sum()))
     replay = ReplayStream("builtin", tiny_tokenizer).batch(n_replay, batch["input_ids"].shape[1],
                                                             tiny_tokenizer.pad_token_id)  # fmt: skip
     loss = trainer.training_step(model, batch)
@@ -248,15 +260,15 @@ def _tiny(config_cls, model_cls, tokenizer, **extra):
     return model_cls(config)
 
 
-def _trainer_for(model, tokenizer, tmp_path, settings: ARRSettings, replay=None) -> ARRTrainer:
+def _trainer_for(model, tokenizer, tmp_path, settings: dict[str, Any], replay=None) -> ARRTrainer:
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                   task_type="CAUSAL_LM"))  # fmt: skip
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    args = TrainingArguments(output_dir=str(tmp_path / "ck"), report_to="none", use_cpu=True, max_steps=1)
-    return ARRTrainer(model=peft_model, args=args, processing_class=tokenizer, arr=settings, replay=replay)
+    return ARRTrainer(model=peft_model, args=arr_config(tmp_path, **settings), processing_class=tokenizer,
+                      replay=replay)  # fmt: skip
 
 
 def test_soft_capped_logits_gemma2_match_the_plain_objective(tiny_tokenizer, tmp_path) -> None:
@@ -264,7 +276,7 @@ def test_soft_capped_logits_gemma2_match_the_plain_objective(tiny_tokenizer, tmp
 
     model = _tiny(Gemma2Config, Gemma2ForCausalLM, tiny_tokenizer, final_logit_softcapping=2.0)
     base = copy.deepcopy(model)
-    settings = ARRSettings(kl_coef=0.5, replay_ratio=1.0, kl_on="both")
+    settings = dict(kl_coef=0.5, replay_ratio=1.0, kl_on="both")
     trainer = _trainer_for(model, tiny_tokenizer, tmp_path, settings, ReplayStream("builtin", tiny_tokenizer))
     batch = sft_batch(tiny_tokenizer)
     n_replay = int(batch["attention_mask"].sum())
@@ -285,7 +297,7 @@ def test_an_architecture_with_unknown_logit_scaling_is_refused(tiny_tokenizer, t
     from transformers import GraniteConfig, GraniteForCausalLM
 
     model = _tiny(GraniteConfig, GraniteForCausalLM, tiny_tokenizer, logits_scaling=4.0)
-    trainer = _trainer_for(model, tiny_tokenizer, tmp_path, ARRSettings())
+    trainer = _trainer_for(model, tiny_tokenizer, tmp_path, {})
     with pytest.raises(ArrtuneError, match="GraniteForCausalLM: its logits are not output_layer"):
         trainer.training_step(trainer.model, sft_batch(tiny_tokenizer))
 

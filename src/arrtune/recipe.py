@@ -169,7 +169,7 @@ def _train(cfg: TrainConfig, overwrite: bool) -> Path:
     from arrtune.data.self_replay import load_prompts
     from arrtune.data.sft import collate_sft, load_sft_examples
     from arrtune.models import load_model, load_tokenizer
-    from arrtune.trainer import ARRSettings, ARRTrainer, MetricsJsonl
+    from arrtune.trainer import ARRTrainer, MetricsJsonl
 
     cfg.validate()
     # cpu=True on a machine without CUDA: otherwise ranks started by torchrun would not see each other until
@@ -239,10 +239,6 @@ def _train(cfg: TrainConfig, overwrite: bool) -> Path:
     except ValueError as exc:
         raise ArrtuneError(f"config: target_modules={cfg.target_modules!r}: {exc}") from exc
 
-    settings = ARRSettings(
-        kl_coef=kl_coef, kl_direction=cfg.kl_direction, kl_on=cfg.resolved_kl_on(), kl_mask_target=cfg.kl_mask_target,
-        loss_chunk_rows=cfg.loss_chunk_rows, kl_every=cfg.kl_every, kl_fraction=cfg.kl_fraction, replay_ratio=replay_ratio, replay_weight=cfg.replay_weight, drift_budget=cfg.drift_budget,
-    )  # fmt: skip
     if state.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         hold_lock(run_dir / LOCK_NAME, f"{run_dir}: this run directory")  # until this process ends
@@ -255,7 +251,6 @@ def _train(cfg: TrainConfig, overwrite: bool) -> Path:
         data_collator=lambda batch: collate_sft(batch, tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=[MetricsJsonl(run_dir / "metrics.jsonl", after_resume=_checkpoint_step(resume_from))],
-        arr=settings,
         replay=replay,
     )
     started = time.perf_counter()

@@ -37,6 +37,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from arrtune.checkpoint import truncate_metrics, write_manifest
+from arrtune.config import TrainConfig
 from arrtune.data.replay import ReplayStream
 from arrtune.errors import ArrtuneError
 from arrtune.lm import base_model, output_head, reference_head, reference_hidden
@@ -46,25 +47,6 @@ REPLAY_STATE = "replay_state_rank{rank}.json"
 CONTROLLER_STATE = "kl_controller.json"
 #: the logged loss terms, in the order they are reduced across ranks
 TERMS = ("sft_loss", "replay_loss", "kl")
-
-
-@dataclass
-class ARRSettings:
-    """The loss settings ``ARRTrainer`` reads (resolved from :class:`arrtune.config.TrainConfig`)."""
-
-    kl_coef: float = 0.0
-    kl_direction: str = "reverse"
-    kl_on: str = "both"
-    kl_mask_target: bool = False
-    kl_every: int = 1
-    kl_fraction: float = 1.0
-    replay_ratio: float = 0.0
-    replay_weight: float = 1.0
-    #: token rows per chunk of the output layer and losses; 0 = automatic (see ``losses.default_chunk_rows``)
-    loss_chunk_rows: int = 0
-    #: nats per KL token the KL may reach; when set, kl_coef is the starting value of a multiplier that the
-    #: controller (:class:`KLController`) adapts to hold the smoothed KL at this budget
-    drift_budget: float | None = None
 
 
 @dataclass
@@ -122,13 +104,20 @@ class _Part:
 class ARRTrainer(Trainer):
     """``transformers.Trainer`` with the ARR loss: SFT CE + replay_weight x replay CE + kl_coef x KL."""
 
-    def __init__(
-        self, *args: Any, arr: ARRSettings, replay: ReplayStream | None = None, **kwargs: Any
-    ) -> None:
+    args: TrainConfig
+
+    def __init__(self, *args: Any, replay: ReplayStream | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.arr = arr
+        if not isinstance(self.args, TrainConfig):
+            raise TypeError(
+                "ARRTrainer reads its loss settings from args: pass an arrtune.config.TrainConfig"
+            )
+        #: the method's coefficients, resolved from the config (a preset's or the user's)
+        self.kl_coef = self.args.resolved_kl_coef()
+        self.replay_ratio = self.args.resolved_replay_ratio()
+        self.kl_on = self.args.resolved_kl_on()
         self.replay = replay
-        if arr.replay_ratio > 0 and replay is None:
+        if self.replay_ratio > 0 and replay is None:
             raise ValueError("replay_ratio > 0 needs a replay stream")
         self.model_accepts_loss_kwargs = False  # our loss is a per-micro-batch mean; Trainer scales for GA
         #: SFT and replay rows in one forward/backward instead of two (DeepSpeed steps inside backward)
@@ -145,7 +134,9 @@ class ARRTrainer(Trainer):
         self.nonfinite_step: int | None = None
         #: the drift-budget controller (None: kl_coef is fixed)
         self.controller = (
-            KLController(arr.kl_coef, arr.drift_budget) if arr.drift_budget and arr.kl_coef > 0 else None
+            KLController(self.kl_coef, self.args.drift_budget)
+            if self.args.drift_budget and self.kl_coef > 0
+            else None
         )
         self._step_kl: list[float] = []  # KL of this optimizer step's micro-batches, for the controller
         if self.controller is not None:
@@ -154,29 +145,29 @@ class ARRTrainer(Trainer):
     # -- the loss ------------------------------------------------------------------------------------
     def _parts(self, inputs: dict[str, torch.Tensor]) -> list[_Part]:
         """The SFT rows and (if replay is on) a replay batch of the same width, with their loss weights."""
-        arr = self.arr
+        cfg = self.args
         ids, labels, attention = inputs["input_ids"], inputs["labels"], inputs["attention_mask"]
         n_sft_tokens = int(attention.sum())
         self._sft_tokens += n_sft_tokens
-        parts = [_Part("sft", ids, labels, attention, 0.0, 0.0, arr.kl_mask_target)]
-        if arr.replay_ratio > 0 and self.replay is not None:
-            n_replay = max(1, round(arr.replay_ratio * n_sft_tokens))
+        parts = [_Part("sft", ids, labels, attention, 0.0, 0.0, cfg.kl_mask_target)]
+        if self.replay_ratio > 0 and self.replay is not None:
+            n_replay = max(1, round(self.replay_ratio * n_sft_tokens))
             rb = self.replay.batch(n_replay, ids.shape[1], self.processing_class.pad_token_id)
             rb = {k: v.to(ids.device) for k, v in rb.items()}
             parts.append(
                 _Part("replay", rb["input_ids"], rb["labels"], rb["attention_mask"], 0.0, 0.0, False)
             )
         # kl_every = n: the KL on one optimizer step in n, weighted n x (same expected penalty, 1/n the cost)
-        coef = self.controller.coef if self.controller is not None else arr.kl_coef
-        kl_coef = coef * arr.kl_every if self.state.global_step % arr.kl_every == 0 else 0.0
-        kl_parts = [p for p in parts if arr.kl_on in (p.name, "both")] if kl_coef > 0 else []
+        coef = self.controller.coef if self.controller is not None else self.kl_coef
+        kl_coef = coef * cfg.kl_every if self.state.global_step % cfg.kl_every == 0 else 0.0
+        kl_parts = [p for p in parts if self.kl_on in (p.name, "both")] if kl_coef > 0 else []
         for part in kl_parts:  # kl_fraction: the KL (and the reference forward) on the first rows only
-            part.kl_rows = max(1, math.ceil(arr.kl_fraction * len(part.ids)))
+            part.kl_rows = max(1, math.ceil(cfg.kl_fraction * len(part.ids)))
             part.n_kl_targets = _n_targets(part.labels[: part.kl_rows])
         n_kl = sum(p.n_kl_targets for p in kl_parts)
         for part in parts:
             part.n_targets = _n_targets(part.labels)
-            part.ce_scale = (1.0 if part.name == "sft" else arr.replay_weight) / max(part.n_targets, 1)
+            part.ce_scale = (1.0 if part.name == "sft" else cfg.replay_weight) / max(part.n_targets, 1)
             part.kl_scale = kl_coef / n_kl if part in kl_parts and n_kl > 0 else 0.0
         return parts
 
@@ -215,7 +206,6 @@ class ARRTrainer(Trainer):
 
     def _pass_loss(self, model: Any, parts: list[_Part]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One forward over the rows of ``parts``: the weighted loss, and each part's CE and KL sums."""
-        arr = self.arr
         ids = torch.cat([p.ids for p in parts])
         attention = torch.cat([p.attention for p in parts])
         targets = torch.cat([p.labels for p in parts])[:, 1:]
@@ -237,13 +227,13 @@ class ARRTrainer(Trainer):
             ref_hidden[kl_rows] = ref
             drop = torch.where(per_row([float(p.drop_labels) for p in parts]) != 0, targets, IGNORE_INDEX)
             kl = KLTerm(
-                ref_hidden[:, :-1], reference_head(peft_model, head), kl_weight, arr.kl_direction,
+                ref_hidden[:, :-1], reference_head(peft_model, head), kl_weight, self.args.kl_direction,
                 drop if bool((drop != IGNORE_INDEX).any()) else None,
             )  # fmt: skip
         hidden = self._policy_hidden(model, ids, attention)
         out_layer = base_model(peft_model).get_output_embeddings()
         head_params = [p for p in out_layer.parameters() if p.requires_grad]
-        chunk_rows = arr.loss_chunk_rows or default_chunk_rows(out_layer.weight.shape[0])
+        chunk_rows = self.args.loss_chunk_rows or default_chunk_rows(out_layer.weight.shape[0])
         loss, ce_tok, kl_tok = head_losses(
             hidden[:, :-1], head, targets, per_row([p.ce_scale for p in parts]), kl, head_params, chunk_rows
         )
