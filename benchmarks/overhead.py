@@ -20,8 +20,21 @@ reference's no-grad forward over the KL rows); the **simple floor** is the rule 
 forwards per token, the reference +1 per KL token, replay doubles the tokens). MFU is the FLOP count over the
 step time, against this machine's measured matmul rate.
 
-    python benchmarks/overhead.py                       # both models, fp32 and bf16 on CPU
-    python benchmarks/overhead.py --models smollm2 --precisions bf16 --steps 3
+Real shapes: ``qwen2.5-1.5b-shape`` and ``qwen2.5-7b-shape`` are random-weight models built from the
+configs of Qwen2.5-1.5B and -7B. ``--weights`` sets the precision of the base weights (``fp32``, ``bf16``, or
+``nf4``: bitsandbytes 4-bit, QLoRA) independently of the training precision (``--precisions``: autocast);
+``--checkpointing on`` adds gradient checkpointing. ``--memory-only`` skips the interleaved timing rounds
+and runs each method alone for one step (peak memory, and that one step's time), for shapes where rounds
+would take too long.
+
+    python benchmarks/overhead.py                       # both small models, fp32 and bf16 on CPU
+    python benchmarks/overhead.py --models smollm2 --precisions bf16 --weights fp32 bf16 --steps 3
+``--synthetic`` uses random token rows (the last 20% of each SFT row as the response) and random replay rows
+instead of the built-in task and corpus, so the script needs neither the model nor the data packages (what
+``benchmarks/gpu.sh`` runs on a GPU machine).
+
+    python benchmarks/overhead.py --models qwen2.5-1.5b-shape --precisions bf16 --weights fp32 bf16 nf4 \
+        --checkpointing off on --methods sft arr --memory-only
 """
 
 from __future__ import annotations
@@ -46,18 +59,78 @@ QWEN_05B_SHAPE = dict(
 )  # fmt: skip
 
 
-def build_model(name: str):
-    """The model under test: SmolLM2-135M (real weights) or a random model with Qwen2.5-0.5B's shape."""
+QWEN_15B_SHAPE = dict(
+    vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+    num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+)  # fmt: skip
+QWEN_7B_SHAPE = dict(
+    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+    num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False,
+)  # fmt: skip
+SHAPES = {"qwen2.5-0.5b-shape": QWEN_05B_SHAPE, "qwen2.5-1.5b-shape": QWEN_15B_SHAPE,
+          "qwen2.5-7b-shape": QWEN_7B_SHAPE}  # fmt: skip
+
+
+class SyntheticTokenizer:
+    """What the trainer needs of a tokenizer in ``--synthetic`` mode: a pad id."""
+
+    pad_token_id = 0
+
+
+class SyntheticReplay:
+    """Random replay rows, as many as ``n_tokens`` needs at the SFT batch's width (a ``ReplayStream`` stand-in)."""
+
+    def __init__(self, vocab: int, seed: int = 0) -> None:
+        self.vocab, self.generator = vocab, torch.Generator().manual_seed(seed)
+
+    def batch(self, n_tokens: int, width: int, pad_id: int) -> dict[str, torch.Tensor]:
+        rows = max(1, math.ceil(n_tokens / width))
+        ids = torch.randint(1, self.vocab, (rows, width), generator=self.generator)
+        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+    def state_dict(self) -> dict[str, int]:
+        return {}
+
+
+def synthetic_batch(rows: int, width: int, vocab: int) -> dict[str, torch.Tensor]:
+    """Random SFT rows whose last 20% of tokens are the response (carry labels)."""
+    ids = torch.randint(1, vocab, (rows, width), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, : int(0.8 * width)] = -100
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+
+
+def build_model(
+    name: str, weights: str = "fp32", compute: torch.dtype = torch.float32, synthetic: bool = False
+):
+    """The model under test: SmolLM2-135M (real weights) or a random model of a Qwen2.5 shape, with base
+    weights in ``weights`` (fp32, bf16, or nf4 via a saved copy reloaded 4-bit, computing in ``compute``)."""
+    import tempfile
+
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from arrtune.models import load_model, load_tokenizer
 
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    # token ids < 49152 are valid in Qwen's vocabulary
+    tokenizer = SyntheticTokenizer() if synthetic else load_tokenizer("smollm2-135m-instruct")
+    dtype = torch.bfloat16 if weights == "bf16" else torch.float32
     if name == "smollm2":
-        return load_model("smollm2-135m-instruct"), tokenizer
+        if weights == "nf4":
+            return load_model("smollm2-135m-instruct", dtype=compute, load_in_4bit=True), tokenizer
+        return load_model("smollm2-135m-instruct", dtype=dtype), tokenizer
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**QWEN_05B_SHAPE))
-    return model, tokenizer  # token ids < 49152 are valid in Qwen's vocabulary
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if weights != "fp32" else torch.float32)  # build in place, no copy
+    try:
+        model = Qwen2ForCausalLM(Qwen2Config(**SHAPES[name]))
+    finally:
+        torch.set_default_dtype(previous)
+    if weights != "nf4":
+        return model, tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        del model
+        return load_model(tmp, dtype=compute, load_in_4bit=True), tokenizer
 
 
 def matmul_flops(model) -> tuple[int, int]:
@@ -71,7 +144,7 @@ def matmul_flops(model) -> tuple[int, int]:
 
 def measured_matmul_rate(dtype: torch.dtype, device: str) -> float:
     """FLOP/s of a large square matmul on this machine (the MFU denominator): the best of 5 timings."""
-    n = 2048
+    n = 8192 if device == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
@@ -110,12 +183,21 @@ def worker(args: argparse.Namespace) -> None:
     from arrtune.trainer import ARRTrainer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = build_model(args.model)
+    compute = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    model, tokenizer = build_model(args.model, args.weights, compute, args.synthetic)
     copy_ref = None
     if "arr-copy" in args.methods:  # the common approach: a second, frozen model as the reference
         copy_ref = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    if args.weights == "nf4":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.checkpointing == "on")
+    elif args.checkpointing == "on":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model = get_peft_model(
-        model.to(device), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+        model if args.weights == "nf4" else model.to(device),
+        LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
     )
     own_reference = (trainer_module.reference_hidden, trainer_module.reference_head)
 
@@ -125,19 +207,23 @@ def worker(args: argparse.Namespace) -> None:
     def copy_head(_m, _head=None):
         return lambda h: copy_ref.get_output_embeddings()(h)
 
-    # SFT batch: built-in task examples packed to max_length tokens per row via several examples' messages
-    examples, _ = load_sft_examples("builtin:vornish", tokenizer, max_length=args.max_length)
-    rows = []
-    for i in range(args.batch_size):  # concatenate examples until a row holds max_length tokens
-        ids, labels, j = [], [], i
-        while len(ids) + len(examples[j % len(examples)]["input_ids"]) <= args.max_length:
-            ids += examples[j % len(examples)]["input_ids"]
-            labels += examples[j % len(examples)]["labels"]
-            j += args.batch_size
-        rows.append({"input_ids": ids, "labels": labels})
-    batch = {k: v.to(device) for k, v in collate_sft(rows, tokenizer.pad_token_id).items()}
+    if args.synthetic:
+        vocab = min(49152, model.get_output_embeddings().weight.shape[0])
+        batch = {k: v.to(device) for k, v in synthetic_batch(args.batch_size, args.max_length, vocab).items()}
+        replay = SyntheticReplay(vocab)
+    else:  # built-in task examples packed to max_length tokens per row
+        examples, _ = load_sft_examples("builtin:vornish", tokenizer, max_length=args.max_length)
+        rows = []
+        for i in range(args.batch_size):  # concatenate examples until a row holds max_length tokens
+            ids, labels, j = [], [], i
+            while len(ids) + len(examples[j % len(examples)]["input_ids"]) <= args.max_length:
+                ids += examples[j % len(examples)]["input_ids"]
+                labels += examples[j % len(examples)]["labels"]
+                j += args.batch_size
+            rows.append({"input_ids": ids, "labels": labels})
+        batch = {k: v.to(device) for k, v in collate_sft(rows, tokenizer.pad_token_id).items()}
+        replay = ReplayStream("builtin", tokenizer)
     sft_tokens = int(batch["attention_mask"].sum())
-    replay = ReplayStream("builtin", tokenizer)
     trainers = {}
     for method in args.methods:
         kl, ratio, fraction = SETTINGS[method]
@@ -184,9 +270,8 @@ def worker(args: argparse.Namespace) -> None:
     # positions the matmuls run on: every position of a row through the body; the output layer only where a
     # loss needs it (label tokens; all positions for sft-hf, which computes full logits)
     sft_pos, sft_labels = batch["input_ids"].numel(), int((batch["labels"][:, 1:] != -100).sum())
-    rb = ReplayStream("builtin", tokenizer).batch(
-        sft_tokens, batch["input_ids"].shape[1], tokenizer.pad_token_id
-    )
+    source = SyntheticReplay(vocab) if args.synthetic else ReplayStream("builtin", tokenizer)
+    rb = source.batch(sft_tokens, batch["input_ids"].shape[1], tokenizer.pad_token_id)
     for method in args.methods:
         kl, ratio, fraction = SETTINGS[method]
         # the reference's rows: the first ceil(fraction x rows) of the SFT rows and of the replay rows
@@ -195,6 +280,7 @@ def worker(args: argparse.Namespace) -> None:
         )
         print(json.dumps({
             "model": args.model, "method": method, "precision": args.precision, "device": device,
+            "weights": args.weights, "checkpointing": args.checkpointing,
             "step_s": statistics.median(times[method]) if times[method] else float("nan"),
             "times": times[method], "sft_tokens": sft_tokens, "peak_bytes": peak, "body_params": body,
             "head_params": head, "replay_ratio": ratio, "kl": kl > 0, "sft_positions": sft_pos,
@@ -238,7 +324,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["smollm2", "qwen2.5-0.5b-shape"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument(
+        "--precisions", nargs="+", default=["fp32", "bf16"], help="training precision (autocast)"
+    )
+    parser.add_argument(
+        "--weights",
+        nargs="+",
+        default=["fp32"],
+        choices=["fp32", "bf16", "nf4"],
+        help="precision of the base weights (nf4: 4-bit, QLoRA)",
+    )
+    parser.add_argument(
+        "--checkpointing", nargs="+", default=["off"], choices=["off", "on"], help="gradient checkpointing"
+    )
+    parser.add_argument("--synthetic", action="store_true", help="random token rows (no model/data packages)")
+    parser.add_argument("--peak-tflops", type=float, help="MFU denominator (default: a measured matmul rate)")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="no timing rounds: each method alone, one step (peak memory and that step's time)")  # fmt: skip
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed rounds (every method once per round)")
@@ -246,15 +348,20 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
+    parser.add_argument("--weight", dest="weights_one", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", dest="checkpointing_one", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the raw results to this file")
     args = parser.parse_args()
     if args.worker:
+        args.weights, args.checkpointing = args.weights_one, args.checkpointing_one
         worker(args)
         return
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rates = {
-        p: measured_matmul_rate(torch.bfloat16 if p == "bf16" else torch.float32, device)
+        p: args.peak_tflops * 1e12
+        if args.peak_tflops
+        else measured_matmul_rate(torch.bfloat16 if p == "bf16" else torch.float32, device)
         for p in args.precisions
     }
     print(
@@ -262,32 +369,44 @@ def main() -> None:
         + ", ".join(f"{p} {r / 1e9:.0f} GFLOP/s" for p, r in rates.items())
     )
     results = []
-    for model in args.models:
-        for precision in args.precisions:
-            cmd = [sys.executable, __file__, "--worker", "--model", model, "--precision", precision,
-                   "--max-length", str(args.max_length), "--batch-size", str(args.batch_size)]  # fmt: skip
-            timed = run_worker(cmd + ["--steps", str(args.steps), "--warmup", str(args.warmup), "--methods",
-                                      *args.methods])  # fmt: skip
-            for r in timed:
-                print(f"  timed {model} {precision} {r['method']}: {r['step_s']:.2f} s/step", flush=True)
-                # peak memory: each method alone in a fresh process, one step. On CPU with every block over
-                # 64 KiB mmapped (returned to the OS on free), so that RSS tracks live memory
-                env = {"MALLOC_MMAP_THRESHOLD_": "65536"} if r["device"] == "cpu" else None
-                alone = run_worker(cmd + ["--steps", "1", "--warmup", "0", "--methods", r["method"]], env)
-                r["peak_bytes"] = alone[0]["peak_bytes"] if alone else float("nan")
-                results.append(r)
+    rows = [(m, p, w, c) for m in args.models for p in args.precisions for w in args.weights
+            for c in args.checkpointing]  # fmt: skip
+    for model, precision, weights, checkpointing in rows:
+        cmd = [sys.executable, __file__, "--worker", "--model", model, "--precision", precision,
+               "--weight", weights, "--checkpoint", checkpointing, "--max-length", str(args.max_length),
+               "--batch-size", str(args.batch_size)] + (["--synthetic"] if args.synthetic else [])  # fmt: skip
+        if args.memory_only:
+            for method in args.methods:
+                env = {"MALLOC_MMAP_THRESHOLD_": "65536"} if device == "cpu" else None
+                one = run_worker(cmd + ["--steps", "1", "--warmup", "0", "--methods", method], env)
+                for r in one:
+                    print(f"  {model} {precision} weights={weights} checkpointing={checkpointing} "
+                          f"{method}: one step {r['step_s']:.1f} s, peak {r['peak_bytes'] / 2**30:.2f} GB",
+                          flush=True)  # fmt: skip
+                results += one
+            continue
+        timed = run_worker(cmd + ["--steps", str(args.steps), "--warmup", str(args.warmup), "--methods",
+                                  *args.methods])  # fmt: skip
+        for r in timed:
+            print(f"  timed {model} {precision} {r['method']}: {r['step_s']:.2f} s/step", flush=True)
+            # peak memory: each method alone in a fresh process, one step. On CPU with every block over
+            # 64 KiB mmapped (returned to the OS on free), so that RSS tracks live memory
+            env = {"MALLOC_MMAP_THRESHOLD_": "65536"} if r["device"] == "cpu" else None
+            alone = run_worker(cmd + ["--steps", "1", "--warmup", "0", "--methods", r["method"]], env)
+            r["peak_bytes"] = alone[0]["peak_bytes"] if alone else float("nan")
+            results.append(r)
 
-    header = "| model | precision | method | s/step | × sft | FLOP floor | ÷ floor | simple floor | SFT tok/s | peak GB | × sft | MFU |"
+    header = "| model | precision | weights | ckpt | method | s/step | × sft | FLOP floor | ÷ floor | simple floor | SFT tok/s | peak GB | × sft | MFU |"
     print("\n" + header + "\n|" + "---|" * (header.count("|") - 1))
     for r in results:
-        key = (r["model"], r["precision"], "sft")
-        sft = next((x for x in results if (x["model"], x["precision"], x["method"]) == key), None)
+        row = ("model", "precision", "weights", "checkpointing")
+        sft = next((x for x in results if x["method"] == "sft" and all(x[k] == r[k] for k in row)), None)
         nan = float("nan")
         ratio = r["step_s"] / sft["step_s"] if sft else nan
         floor = step_flops(r) / step_flops(sft) if sft else nan
         mem = r["peak_bytes"] / sft["peak_bytes"] if sft else nan
         mfu = step_flops(r) / r["step_s"] / rates[r["precision"]]
-        print(f"| {r['model']} | {r['precision']} | {r['method']} | {r['step_s']:.2f} | {ratio:.2f} | {floor:.2f} | "
+        print(f"| {r['model']} | {r['precision']} | {r['weights']} | {r['checkpointing']} | {r['method']} | {r['step_s']:.2f} | {ratio:.2f} | {floor:.2f} | "
               f"{ratio / floor:.2f} | {simple_floor(r['method']):.2f} | {r['sft_tokens'] / r['step_s']:.0f} | "
               f"{r['peak_bytes'] / 2**30:.2f} | {mem:.2f} | {100 * mfu:.0f}% |")  # fmt: skip
     if args.json:

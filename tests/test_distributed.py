@@ -5,7 +5,8 @@ Tolerance: DDP averages the ranks' per-micro-batch mean losses, while one proces
 whole batch; these agree when every example has the same number of tokens and response tokens, so the data
 here is built that way. The SFT rows then see the same weights and the same inputs in both setups, and the
 logged ``sft_loss``, ``kl`` and ``loss`` agree up to float32 summation order: at most 1e-5 absolute is
-allowed (measured about 5e-7). Replay is on (``replay_ratio=1``) so that its sharding is exercised, but
+allowed (measured about 5e-7). The KL coefficient is a drift-budget multiplier, which every rank must hold at
+the same value as the single process (it follows the KL reduced across ranks). Replay is on (``replay_ratio=1``) so that its sharding is exercised, but
 ``replay_weight=0`` and ``kl_on=sft``: replay batches differ between the setups by design (each rank reads
 its own documents), so they must not feed the compared gradients.
 """
@@ -70,7 +71,7 @@ def test_two_processes_match_one_process_and_shard_the_replay_stream(
     replay.write_text("\n\n".join(f"Replay document number {i} is about topic {i * 7 % 13}." for i in range(N_REPLAY_DOCS)))  # fmt: skip
     common = [f"model={tiny_model_dir}", f"data={data}", f"replay={replay}", "method=arr", "replay_weight=0",
               "kl_on=sft", "kl_coef=0.1", "max_steps=6", "save_steps=3", "warmup_steps=0", "learning_rate=0.01",
-              "seed=5", "precision=fp32", "disable_tqdm=true"]  # fmt: skip
+              "seed=5", "precision=fp32", "disable_tqdm=true", "drift_budget=0.01"]  # fmt: skip
 
     two = tmp_path / "two"
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
@@ -101,6 +102,12 @@ def test_two_processes_match_one_process_and_shard_the_replay_stream(
     assert {p.name for p in ckpt.iterdir()} >= {"rng_state_0.pth", "rng_state_1.pth", "replay_state_rank0.json",
                                                 "replay_state_rank1.json", "adapter_model.safetensors"}  # fmt: skip
     assert not list((two / "checkpoints" / ".staging").iterdir())
+
+    # drift budget: every rank holds the same multiplier, the one a single process reaches (global KL)
+    ranks = [json.loads((ckpt / f"kl_controller_rank{r}.json").read_text()) for r in (0, 1)]
+    alone = json.loads((one / "checkpoints" / "checkpoint-6" / "kl_controller_rank0.json").read_text())
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["coef"] != 0.1 and abs(ranks[0]["coef"] - alone["coef"]) <= 1e-6 * alone["coef"]
 
     # replay: each rank read its own documents, none shared, and both read some
     consumed = []

@@ -54,7 +54,7 @@ def test_closed_loop_reaches_the_budget_from_far_off(
 
 def test_controller_state_is_checkpointed_and_resumed(tiny_model_dir: Path, tmp_path: Path) -> None:
     full = train(load_config(None, _args(tiny_model_dir, tmp_path / "full", 30.0, 8, save_steps=4)))
-    saved = json.loads((full / "checkpoints" / "checkpoint-4" / "kl_controller.json").read_text())
+    saved = json.loads((full / "checkpoints" / "checkpoint-4" / "kl_controller_rank0.json").read_text())
     assert saved["coef"] == pytest.approx(_records(full)[3]["kl_coef"])
     res = copy_run(full, tmp_path / "res")
     shutil.rmtree(res / "adapter")

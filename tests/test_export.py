@@ -55,7 +55,8 @@ def test_merged_export_loads_without_arrtune_and_peft(
     run_dir: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "merged"
-    assert main(["export", str(run_dir), "--out", str(out), "--dtype", "float32"]) == 0
+    assert main(["export", str(run_dir), "--out", str(out), "--dtype", "float32", "--no-eval"]) == 0
+    assert not (run_dir / "eval.json").exists()
     assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
     assert not (out / "adapter_config.json").exists()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -101,3 +102,55 @@ def test_scaled_adapter_export_and_card_with_evaluation(
     assert main(["export", str(run_dir), "--out", str(tmp_path / "x"), "--scale", "1.5"]) == 2
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "y")]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+SMALL_EVAL = ["benchmarks=[arc_easy]", "n_per_benchmark=4", "n_text=2", "max_text_tokens=16", "n_questions=3",
+              "max_new_tokens=6", "n_task=8"]  # fmt: skip
+
+
+def test_scale_auto_follows_its_rule_and_an_unevaluated_run_is_evaluated_first(
+    run_dir: Path, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from safetensors.torch import load_file
+
+    from arrtune.testing import copy_run
+
+    run = copy_run(run_dir, tmp_path / "run")
+    (run / "eval.json").unlink(missing_ok=True)
+    out = tmp_path / "auto"
+    assert main(["export", str(run), "--out", str(out), "--adapter-only", "--scale", "auto", "--no-progress",
+                 *SMALL_EVAL]) == 0  # fmt: skip
+    assert (
+        json.loads((run / "eval.json").read_text())["config"]["n_task"] == 8
+    )  # evaluated, with these settings
+    printed = capsys.readouterr().out
+    rows = [
+        line.split("|")[1:-1]
+        for line in printed.splitlines()
+        if line.startswith("| 0.") or line.startswith("| 1")
+    ]
+    assert [float(r[0].split()[0]) for r in rows] == [0.25, 0.5, 0.75, 1.0]
+    # the rule: the smallest scale whose EM difference to s = 1 is >= minus its paired standard error
+    diffs = [tuple(float(x) for x in r[2].split("±")) for r in rows]
+    expected = next(float(r[0].split()[0]) for r, (d, se) in zip(rows, diffs) if d >= -se)
+    chosen = next(float(r[0].split()[0]) for r in rows if "chosen" in r[0])
+    assert chosen == expected
+    card = (out / "README.md").read_text()
+    assert f"scaled by **{chosen:g}**" in card and "## Adapter scale" in card
+    got, want = (
+        load_file(out / "adapter_model.safetensors"),
+        load_file(run / "adapter" / "adapter_model.safetensors"),
+    )
+    for name, tensor in want.items():
+        factor = chosen if "lora_B" in name else 1.0
+        torch.testing.assert_close(got[name], tensor * factor)
+
+
+def test_scale_auto_needs_a_task(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "config.yaml").write_text("model: x\ndata: mine.jsonl\n")
+    assert main(["export", str(run), "--out", str(tmp_path / "o"), "--scale", "auto"]) == 2
+    assert not (tmp_path / "o").exists()

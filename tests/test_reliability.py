@@ -23,7 +23,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from arrtune.checkpoint import CHECKPOINT_FILES, last_complete_checkpoint
 from arrtune.cli import main
 from arrtune.config import TrainConfig, load_config
 from arrtune.data.replay import ReplayStream
@@ -31,6 +30,7 @@ from arrtune.data.sft import load_sft_examples
 from arrtune.errors import ArrtuneError
 from arrtune.models import load_model
 from arrtune.recipe import train
+from arrtune.rundir import CHECKPOINT_FILES, last_complete_checkpoint
 from arrtune.testing import copy_run
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "arrtune"
@@ -433,7 +433,7 @@ def test_source_reads_weights_safely() -> None:
         assert "import pickle" not in text and "trust_remote_code=True" not in text, path
     models = (SRC / "models.py").read_text()
     assert "use_safetensors=True" in models and "safe_serialization=True" in models
-    assert "safe_serialization=True" in (SRC / "recipe.py").read_text()
+    assert "safe_serialization=True" in (SRC / "rundir.py").read_text()
 
 
 def test_long_and_empty_examples_are_dropped_and_counted_in_the_log(
@@ -675,11 +675,11 @@ def test_second_train_on_the_same_output_dir_is_refused_naming_the_first(tiny_mo
 def test_grid_lock_and_waiting_lock(tmp_path: Path) -> None:
     import threading
 
-    from arrtune.checkpoint import hold_lock, release_lock, waiting_lock
+    from arrtune.rundir import hold_lock, release_lock, waiting_lock
 
     lock = tmp_path / "grid" / ".arrtune.lock"
     lock.parent.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from arrtune.checkpoint import hold_lock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from arrtune.rundir import hold_lock; "
                                f"hold_lock({str(lock)!r}, 'x'); print('held', flush=True); time.sleep(30)"],
                               stdout=subprocess.PIPE, text=True, env=ENV)  # fmt: skip
     try:

@@ -69,7 +69,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(model_spec)
     import torch
 
-    model = load_model(model_spec, dtype=getattr(torch, cfg.model_dtype))
+    model = load_model(model_spec, dtype=getattr(torch, cfg.model_dtype), load_in_4bit=cfg.load_in_4bit)
     if args.adapter:
         from peft import PeftModel
 
@@ -149,13 +149,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from arrtune.config import parse_override
     from arrtune.export import export_run
 
-    try:
-        scale = float(args.scale)
-    except ValueError:
-        raise ArrtuneError(f"--scale {args.scale}: expected a number in [0, 1]") from None
-    out = export_run(args.run_dir, args.out, adapter_only=args.adapter_only, dtype=args.dtype, scale=scale)
+    settings = dict(parse_override(item) for item in args.overrides)
+    scale: float | str = args.scale
+    if scale != "auto":
+        try:
+            scale = float(args.scale)
+        except ValueError:
+            raise ArrtuneError(f"--scale {args.scale}: expected a number in [0, 1] or auto") from None
+    out = export_run(args.run_dir, args.out, adapter_only=args.adapter_only, dtype=args.dtype, scale=scale,
+                     evaluate=not args.no_eval, eval_settings=settings, progress=not args.no_progress)  # fmt: skip
     kind = "adapter" if args.adapter_only else "merged model"
     print(f"{kind} written to {out} (model card: {out / 'README.md'})")
     return 0
@@ -237,8 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default="auto", help="saved precision: auto (the base's), bfloat16, float16, float32"
     )
     p.add_argument(
-        "--scale", default="1", help="multiply the LoRA update by this factor in [0, 1] (default 1)"
+        "--scale",
+        default="1",
+        help="multiply the LoRA update by this factor in [0, 1] (default 1), or 'auto': the smallest of "
+        "0.25/0.5/0.75/1 whose task exact match is within one paired standard error of 1's",
     )
+    p.add_argument("--no-eval", action="store_true", help="do not evaluate a run that has no eval.json")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="eval settings (as arrtune eval takes them) for that evaluation and --scale auto")  # fmt: skip
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("report", help="rebuild report.md, CSV/JSON tables and plots of a compare directory")
@@ -250,11 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``arrtune`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value settings may follow options (export RUN --out D n_task=100): argparse leaves them over
+    if extra and all("=" in x and not x.startswith("-") for x in extra) and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     if not args.debug:
+        # bitsandbytes (imported by PEFT whenever installed) warns at import about optional CPU kernels
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         # loading bars of transformers / the Hub would come before a one-line error; training keeps its own
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

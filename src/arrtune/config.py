@@ -107,6 +107,12 @@ class TrainConfig(TrainingArguments):
         "Precision the base weights are loaded in: bfloat16, float16, float32, or auto = bfloat16 when training "
         "in bf16 (see precision), else float32. LoRA weights stay float32; the KL reference is this same base.",
     )
+    load_in_4bit: bool = _f(
+        False,
+        "QLoRA: load the base weights 4-bit (bitsandbytes NF4, double quantization, computing in the training "
+        "precision) with PEFT's k-bit preparation; the KL reference is this quantized base with the adapter "
+        "off. Needs bitsandbytes (pip install 'arrtune[qlora]').",
+    )
     trust_remote_code: bool = _f(
         False, "Allow model code from the Hub (off by default; only for models you trust)."
     )
@@ -327,7 +333,17 @@ class TrainConfig(TrainingArguments):
         for key, ok, rule in checks:
             if not ok:
                 raise ArrtuneError(f"config: {key}={getattr(self, key)!r} must be {rule}")
+        if self.load_in_4bit:
+            require_bitsandbytes("config: load_in_4bit")
         return self
+
+
+def require_bitsandbytes(where: str) -> None:
+    """Raise ``ArrtuneError`` (naming ``where``) unless bitsandbytes can be imported."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ArrtuneError(f"{where}: 4-bit weights need bitsandbytes: pip install 'arrtune[qlora]'")
 
 
 def _field_types() -> dict[str, Any]:

@@ -15,9 +15,10 @@ A grid file (YAML)::
 Every run trains in its own process (so its peak memory is its own), then is evaluated against the base
 model, whose results are computed once and cached. The evaluation's task is the runs' own (``task: auto``,
 see :func:`arrtune.evaluation.task_of_run`). With ``seeds`` (or a ``seed: [...]`` sweep) the report
-aggregates each run's seeds: mean and standard deviation of every metric, paired differences vs. ``sft``. A run whose
-``eval.json`` exists with the same config is skipped, so an interrupted grid resumes where it stopped
-(and a run interrupted mid-training resumes from its last checkpoint).
+aggregates each run's seeds: mean and standard deviation of every metric, paired differences vs. ``sft``. A run
+trained with the same config is not trained again, and one whose ``eval.json`` holds the same eval settings is
+not evaluated again, so an interrupted grid resumes where it stopped (a run interrupted mid-training resumes
+from its last checkpoint) and changed eval settings re-score every run without retraining it.
 """
 
 from __future__ import annotations
@@ -177,15 +178,21 @@ def _is_trained(spec: RunSpec) -> bool:
     return done and _same_config(spec)
 
 
-def _is_finished(spec: RunSpec) -> bool:
-    return (Path(spec.config.output_dir) / "eval.json").is_file() and _is_trained(spec)
+def _is_finished(spec: RunSpec, eval_config: dict[str, Any]) -> bool:
+    """Trained with this config, and evaluated with these eval settings."""
+    path = Path(spec.config.output_dir) / "eval.json"
+    try:
+        same_eval = json.loads(path.read_text(encoding="utf-8")).get("config") == eval_config
+    except (OSError, ValueError, AttributeError):
+        return False
+    return same_eval and _is_trained(spec)
 
 
 def run_grid(grid: GridConfig, progress: bool = True, debug: bool = False) -> Path:
     """Train and evaluate every run of the grid (skipping finished ones), then write the report."""
+    import torch
     from peft import PeftModel
 
-    from arrtune.checkpoint import LOCK_NAME, hold_lock
     from arrtune.evaluation import (
         EvalConfig,
         check_eval_inputs,
@@ -197,6 +204,7 @@ def run_grid(grid: GridConfig, progress: bool = True, debug: bool = False) -> Pa
     )
     from arrtune.models import load_model, load_tokenizer
     from arrtune.report import write_report
+    from arrtune.rundir import LOCK_NAME, hold_lock
 
     specs = expand_runs(grid)
     out = Path(grid.output_dir)
@@ -222,20 +230,26 @@ def run_grid(grid: GridConfig, progress: bool = True, debug: bool = False) -> Pa
 
     model_spec = specs[0].config.model
     tokenizer = load_tokenizer(model_spec)
+
+    def base_model() -> Any:
+        return load_model(
+            model_spec, dtype=getattr(torch, eval_cfg.model_dtype), load_in_4bit=eval_cfg.load_in_4bit
+        )
+
     base_path = out / "base_eval.json"
     base_result = json.loads(base_path.read_text()) if base_path.is_file() else None
     wanted = json.loads(json.dumps(asdict(eval_cfg)))
     if base_result is None or base_result.get("config") != wanted or "base_cache" not in base_result:
         print("[compare] base model: evaluating")
-        base_result = evaluate_single(load_model(model_spec), tokenizer, eval_cfg, progress=progress)
+        base_result = evaluate_single(base_model(), tokenizer, eval_cfg, progress=progress)
         write_eval_json(base_result, base_path)
         base_result = json.loads(base_path.read_text())
     for spec in specs:
         run_dir = Path(spec.config.output_dir)
-        if _is_finished(spec):
+        if _is_finished(spec, wanted):
             continue
         print(f"[compare] {spec.name}: evaluating")
-        model = PeftModel.from_pretrained(load_model(model_spec), run_dir / "adapter")
+        model = PeftModel.from_pretrained(base_model(), run_dir / "adapter")
         result = evaluate_model_pair(model, tokenizer, eval_cfg, progress=progress, base_result=base_result)
         write_eval_json(result, run_dir / "eval.json")
     write_report(out, [s.name for s in specs])

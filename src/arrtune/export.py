@@ -6,9 +6,13 @@
 * **Adapter only** (``adapter_only=True``): the PEFT adapter, naming the upstream Hub id of a built-in base.
 * **Scale** ``s`` in [0, 1] multiplies the LoRA update by ``s`` (its ``B`` matrices; exact, since the update
   is ``B A``): interpolating between the base (0) and the fine-tune (1), as WiSE-FT does for full weights.
-* **Model card** (``README.md`` with YAML front matter): the run's settings and, when the run has an
-  ``eval.json``, its before/after table (retention, plasticity, drift, leak, bleed, with standard errors) and
-  two answers to general questions before and after.
+  ``scale="auto"`` (:func:`choose_scale`) measures the run's held-out task exact match and the drift on
+  held-out text at s in {0.25, 0.5, 0.75, 1} and keeps the smallest s whose exact match is within one paired
+  standard error of s = 1's: the least movement that keeps what the fine-tune learned.
+* **Model card** (``README.md`` with YAML front matter): the run's settings, its before/after table from
+  ``eval.json`` (retention, plasticity, drift, leak, bleed, with standard errors; a run without one is
+  evaluated first, with the default eval settings, unless ``evaluate=False``), two answers to general
+  questions before and after, and the scale table when the scale was chosen.
 
 Everything is written into a staging directory next to ``out`` and renamed into place at the end, so an
 interrupted export leaves nothing half-written.
@@ -29,6 +33,10 @@ import yaml
 from arrtune.errors import ArrtuneError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+#: the LoRA scales ``scale="auto"`` measures, largest first
+AUTO_SCALES = (1.0, 0.75, 0.5, 0.25)
+#: held-out text passages per set for the drift column of ``scale="auto"`` (the task uses the eval default)
+AUTO_TEXT_PASSAGES = 10
 
 
 def scale_lora(peft_model: Any, scale: float) -> int:
@@ -45,6 +53,65 @@ def scale_lora(peft_model: Any, scale: float) -> int:
     return n
 
 
+def choose_scale(peft_model: Any, tokenizer: Any, eval_cfg: Any, scales: tuple[float, ...] = AUTO_SCALES,
+                 progress: bool = False) -> tuple[float, list[dict[str, float]]]:  # fmt: skip
+    """Measure the adapter at each LoRA scale and return the chosen scale and one row per scale.
+
+    Each row: ``scale``, task exact match and its standard error, the difference from s = 1 with its paired
+    standard error (same items), and the drift (token KL base || adapted) on held-out text. The rule: the
+    smallest scale whose exact match is at least s = 1's minus one paired standard error. The adapter is left
+    at the chosen scale. Needs the run's held-out task (``eval_cfg.task`` resolved)."""
+    from dataclasses import replace
+
+    from arrtune.evaluation import evaluate_model_pair, evaluate_single
+    from arrtune.evaluation._common import paired_stderr
+    from arrtune.lm import adapter_disabled
+
+    if not eval_cfg.task:
+        raise ArrtuneError(
+            "--scale auto: the run has no held-out task to measure (set task_eval in its config)"
+        )
+    cfg = replace(eval_cfg, benchmarks=[], n_questions=0, n_examples=0, n_text=AUTO_TEXT_PASSAGES)
+    with adapter_disabled(peft_model):
+        base = evaluate_single(peft_model, tokenizer, cfg, progress=progress)
+    rows: list[dict[str, float]] = []
+    items: dict[float, list[int]] = {}
+    current = 1.0
+    for s in sorted(scales, reverse=True):
+        scale_lora(peft_model, s / current)
+        current = s
+        result = evaluate_model_pair(peft_model, tokenizer, cfg, progress=progress, base_result=base)
+        adapted = result["adapted"]
+        items[s] = result["per_item"]["adapted"]["task/exact_match"]
+        top = items[max(items)]
+        rows.append({"scale": s, "task_em": adapted["task/exact_match"],
+                     "task_em_se": adapted.get("task/exact_match_stderr", float("nan")),
+                     "em_vs_full": sum(items[s]) / len(items[s]) - sum(top) / len(top),
+                     "em_vs_full_se": paired_stderr(top, items[s]),
+                     **{k: v for k, v in adapted.items() if k.startswith("drift/") and k != "drift/task"}})  # fmt: skip
+    chosen = max(scales)
+    for row in sorted(rows, key=lambda r: r["scale"]):
+        se = row["em_vs_full_se"] if row["em_vs_full_se"] == row["em_vs_full_se"] else 0.0
+        if row["em_vs_full"] >= -se:
+            chosen = row["scale"]
+            break
+    scale_lora(peft_model, chosen / current)
+    return chosen, sorted(rows, key=lambda r: r["scale"])
+
+
+def format_scale_table(rows: list[dict[str, float]], chosen: float) -> str:
+    """The ``scale="auto"`` measurements as a markdown table, the chosen row marked."""
+    drift_keys = sorted({k for r in rows for k in r if k.startswith("drift/")})
+    head = ["scale", "task EM", "EM − EM(s=1)", *drift_keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        mark = " (chosen)" if r["scale"] == chosen else ""
+        cells = [f"{r['scale']:g}{mark}", f"{r['task_em']:.2f} ± {r['task_em_se']:.2f}",
+                 f"{r['em_vs_full']:+.2f} ± {r['em_vs_full_se']:.2f}", *[f"{r[k]:.4f}" for k in drift_keys]]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def read_run(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any], dict[str, Any] | None]:
     """The run's directory, its ``config.yaml`` and its ``eval.json`` (None when not evaluated)."""
     run = Path(run_dir)
@@ -56,7 +123,7 @@ def read_run(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any], dict[str
 
 
 def model_card(config: dict[str, Any], evaluation: dict[str, Any] | None, scale: float, merged: bool,
-               base_id: str) -> str:  # fmt: skip
+               base_id: str, scale_table: str | None = None) -> str:  # fmt: skip
     """The Hugging Face model card (README.md) of an export: front matter, settings, forgetting table."""
     from arrtune.evaluation import format_table
 
@@ -81,7 +148,8 @@ def model_card(config: dict[str, Any], evaluation: dict[str, Any] | None, scale:
         "## What the fine-tune cost and gained (base vs. adapted)", "",
     ]  # fmt: skip
     if evaluation is None:
-        lines.append("Not evaluated: run `arrtune eval --adapter RUN/adapter`, then export again.")
+        lines.append("Not evaluated (exported with --no-eval): run `arrtune eval --adapter RUN/adapter`, then "
+                     "export again.")  # fmt: skip
     else:
         if scale != 1:
             lines.append(f"Measured on the adapter as trained (scale 1), not on this scale ({scale:g}).\n")
@@ -91,14 +159,23 @@ def model_card(config: dict[str, Any], evaluation: dict[str, Any] | None, scale:
             lines += ["", "Answers to general questions, before and after:", ""]
             for e in examples:
                 lines += [f"- *{e['question']}*", f"  - base: {e['base']}", f"  - adapted: {e['adapted']}"]
+    if scale_table:
+        lines += ["", "## Adapter scale", "",
+                  "The LoRA update was measured at several scales (task exact match on the held-out task, drift "
+                  "on held-out text); the smallest scale whose exact match is within one paired standard error "
+                  "of the full adapter's was kept.", "", scale_table]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, adapter_only: bool = False,
-               dtype: str = "auto", scale: float = 1.0) -> Path:  # fmt: skip
-    """Write the run's merged model (or adapter) with a model card into ``out``; returns ``out``."""
+               dtype: str = "auto", scale: float | str = 1.0, evaluate: bool = True,
+               eval_settings: dict[str, Any] | None = None, progress: bool = True) -> Path:  # fmt: skip
+    """Write the run's merged model (or adapter) with a model card into ``out``; returns ``out``. ``scale`` is
+    a number in [0, 1] or ``"auto"``; ``evaluate``: evaluate a run that has no ``eval.json`` (and write it);
+    ``eval_settings``: :class:`arrtune.evaluation.EvalConfig` fields for that evaluation and for ``auto``."""
     from peft import PeftModel
 
+    from arrtune.evaluation import EvalConfig, evaluate_model_pair, resolve_task, write_eval_json
     from arrtune.models import load_model, load_tokenizer, name_base_model, shareable_base_id
 
     run, config, evaluation = read_run(run_dir)
@@ -107,14 +184,31 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, adapter_only:
         raise ArrtuneError(f"{out}: exists and is not empty; choose another --out")
     if dtype != "auto" and dtype not in DTYPES:
         raise ArrtuneError(f"--dtype {dtype}: expected auto, {', '.join(DTYPES)}")
-    if not 0 <= scale <= 1:
-        raise ArrtuneError(f"--scale {scale}: must be in [0, 1]")
+    if scale != "auto" and not (isinstance(scale, (int, float)) and 0 <= scale <= 1):
+        raise ArrtuneError(f"--scale {scale}: must be in [0, 1] or auto")
+    eval_cfg = resolve_task(EvalConfig.from_dict(eval_settings or {}, "eval setting"), config)
+    if scale == "auto" and not eval_cfg.task:
+        raise ArrtuneError(
+            f"--scale auto: {run} has no held-out task to measure (set task_eval in its config)"
+        )
     spec = config["model"]
     base_id = shareable_base_id(spec) or spec
     tokenizer = load_tokenizer(spec, bool(config.get("trust_remote_code")))
     base = load_model(spec, bool(config.get("trust_remote_code")))
     model = PeftModel.from_pretrained(base, run / "adapter")
-    scale_lora(model, scale)
+    if evaluation is None and evaluate:
+        print(f"[export] {run}: no eval.json; evaluating it first (--no-eval skips this)")
+        evaluation = evaluate_model_pair(model, tokenizer, eval_cfg, progress=progress)
+        write_eval_json(evaluation, run / "eval.json")
+        evaluation = json.loads((run / "eval.json").read_text())
+    scale_table = None
+    if scale == "auto":
+        scale, rows = choose_scale(model, tokenizer, eval_cfg, progress=progress)
+        scale_table = format_scale_table(rows, scale)
+        print(scale_table)
+        print(f"[export] scale {scale:g} chosen")
+    else:
+        scale_lora(model, float(scale))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(staging, 0o755)
@@ -129,7 +223,9 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, adapter_only:
             merged.config.name_or_path = base_id
             merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        (staging / "README.md").write_text(model_card(config, evaluation, scale, not adapter_only, base_id))
+        (staging / "README.md").write_text(
+            model_card(config, evaluation, float(scale), not adapter_only, base_id, scale_table)
+        )
         if out.exists():
             out.rmdir()
         os.replace(staging, out)

@@ -145,7 +145,7 @@ def resolve_model_path(spec: str) -> str:
             )
         return spec
     if not (target / "config.json").is_file():
-        from arrtune.checkpoint import waiting_lock
+        from arrtune.rundir import waiting_lock
 
         # one conversion at a time per target: a second process waits, then finds the converted model
         with waiting_lock(cache_dir() / "locks" / f"{target.name}.lock"):
@@ -170,14 +170,31 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedToke
 
 
 def load_model(
-    spec: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32
+    spec: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32, load_in_4bit: bool = False
 ) -> PreTrainedModel:
-    """Load a causal LM from a model spec (safetensors only; no remote code unless asked for)."""
+    """Load a causal LM from a model spec (safetensors only; no remote code unless asked for).
+
+    ``dtype`` is the precision of the weights, or with ``load_in_4bit`` (bitsandbytes NF4 with double
+    quantization, QLoRA's recipe) the compute precision of the 4-bit layers and the precision of the layers
+    that stay unquantized (embeddings, norms, output head). On CUDA the 4-bit model is placed on this
+    process's GPU."""
     path = resolve_model_path(spec)
+    extra: dict[str, Any] = {}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )  # fmt: skip
+        if torch.cuda.is_available():
+            from accelerate import PartialState
+
+            extra["device_map"] = {"": PartialState().local_process_index}
     try:
         AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **extra
         )
     except Exception as exc:  # missing or corrupt (safetensors) weights, remote code refused, ...: many types
         raise ArrtuneError(f"model: cannot load '{spec}' ({type(exc).__name__}: {exc})") from exc

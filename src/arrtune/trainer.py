@@ -36,15 +36,15 @@ from accelerate.utils import DistributedType, gather_object
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
-from arrtune.checkpoint import truncate_metrics, write_manifest
 from arrtune.config import TrainConfig
 from arrtune.data.replay import ReplayStream
 from arrtune.errors import ArrtuneError
 from arrtune.lm import base_model, output_head, reference_head, reference_hidden
 from arrtune.losses import IGNORE_INDEX, KLTerm, default_chunk_rows, head_losses
+from arrtune.rundir import truncate_metrics, write_manifest
 
 REPLAY_STATE = "replay_state_rank{rank}.json"
-CONTROLLER_STATE = "kl_controller.json"
+CONTROLLER_STATE = "kl_controller_rank{rank}.json"
 #: the logged loss terms, in the order they are reduced across ranks
 TERMS = ("sft_loss", "replay_loss", "kl")
 
@@ -385,8 +385,11 @@ class ARRTrainer(Trainer):
                     path = Path(staging, name, REPLAY_STATE.format(rank=state["rank"]))
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(state))
-        if self.controller is not None and self.args.should_save:
-            Path(staging, name, CONTROLLER_STATE).write_text(json.dumps(asdict(self.controller)))
+        if self.controller is not None:  # every rank's multiplier (the same on all ranks), written by the main
+            states = gather_object([asdict(self.controller)])
+            if self.args.should_save:
+                for rank, state in enumerate(states):
+                    Path(staging, name, CONTROLLER_STATE.format(rank=rank)).write_text(json.dumps(state))
         if self.args.should_save:
             write_manifest(os.path.join(staging, name))  # last: a checkpoint with a valid manifest is whole
         self.accelerator.wait_for_everyone()
@@ -403,7 +406,7 @@ class ARRTrainer(Trainer):
         step = Path(checkpoint).name.rsplit("-", 1)[-1]
         self._last_logged_step = int(step) if step.isdigit() else 0
         if self.controller is not None:
-            path = Path(checkpoint, CONTROLLER_STATE)
+            path = Path(checkpoint, CONTROLLER_STATE.format(rank=self.args.process_index))
             try:
                 saved = json.loads(path.read_text(encoding="utf-8"))
                 self.controller = KLController(**saved)

@@ -115,6 +115,9 @@ class EvalConfig:
     #: precision the model's weights are loaded in (``arrtune eval``): float32, bfloat16 or float16; default
     #: float32
     model_dtype: str = "float32"
+    #: load the base weights 4-bit (bitsandbytes NF4, computing in ``model_dtype``), as a QLoRA run trained
+    #: them; default false
+    load_in_4bit: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "eval config") -> EvalConfig:
@@ -138,6 +141,13 @@ class EvalConfig:
             elif key == "model_dtype":
                 if value not in ("float32", "bfloat16", "float16"):
                     raise ArrtuneError(f"{where} must be float32, bfloat16 or float16, got {value!r}")
+            elif key == "load_in_4bit":
+                if not isinstance(value, bool):
+                    raise ArrtuneError(f"{where} must be true or false, got {value!r}")
+                if value:
+                    from arrtune.config import require_bitsandbytes
+
+                    require_bitsandbytes(where)
             else:
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise ArrtuneError(f"{where} must be an integer, got {value!r}")

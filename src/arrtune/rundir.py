@@ -1,4 +1,11 @@
-"""Checkpoints that are verified before a resume, and OS locks that keep one process per directory.
+"""The run directory: planning a run into it, its checkpoints, and the locks that keep one process on it.
+
+A run directory holds ``config.yaml`` (resolved), ``adapter/`` (a standard PEFT adapter), ``metrics.jsonl``
+(one record per logged step), ``train_summary.json`` and, while training, ``checkpoints/``.
+
+* **Planning.** :func:`plan_run` decides, reading only, whether a run starts fresh, resumes from its last
+  complete checkpoint, or is already complete (same config), and refuses a directory that holds another
+  run; :func:`start_run` then makes the first write.
 
 * **Manifest.** Every checkpoint holds ``manifest.json``: the size and SHA-256 of each of its files, written
   last, inside the staging directory, before the atomic rename into place. A checkpoint is *complete* only
@@ -20,11 +27,20 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from arrtune.atomic import write_atomic
 from arrtune.errors import ArrtuneError
+
+if TYPE_CHECKING:
+    from arrtune.config import TrainConfig
 
 log = logging.getLogger("arrtune")
 
@@ -159,3 +175,132 @@ def truncate_metrics(path: Path, step: int) -> None:
         if isinstance(record, dict) and record.get("step", 0) <= step:
             kept.append(line)
     write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+@dataclass
+class RunPlan:
+    """What a run does with its directory: start fresh, resume from a checkpoint, or nothing (complete)."""
+
+    run_dir: Path
+    resume_from: str | None = None
+    complete: bool = False
+
+
+#: config keys that do not change what is trained: a run may be resumed with another value
+COSMETIC_KEYS = ("disable_tqdm", "local_rank", "logging_dir", "use_cpu")
+
+
+def _config_diff(previous: Any, resolved: dict[str, Any]) -> list[str]:
+    """Keys whose values differ between a saved config and this one (cosmetic keys ignored)."""
+    previous = previous if isinstance(previous, dict) else {}
+    keys = (set(previous) | set(resolved)) - set(COSMETIC_KEYS)
+    return sorted(str(k) for k in keys if previous.get(k) != resolved.get(k))
+
+
+def plan_run(cfg: TrainConfig, overwrite: bool) -> RunPlan:
+    """Decide what to do with the run directory, writing nothing. Raises ``ArrtuneError`` when the directory holds something else and ``overwrite`` is off."""
+    run_dir = Path(cfg.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ArrtuneError(f"{run_dir}: output_dir exists and is not a directory")
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        try:
+            previous = yaml.safe_load(saved.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError):
+            previous = None
+        diff = _config_diff(previous, cfg.resolved().to_dict())
+        if overwrite:
+            return RunPlan(run_dir)
+        if diff:
+            raise ArrtuneError(
+                f"{run_dir}: holds another run (config differs in: {', '.join(diff)}); "
+                "choose another output_dir or pass --overwrite"
+            )
+        finished = run_dir / "train_summary.json", run_dir / "adapter" / "adapter_config.json"
+        if all(p.is_file() for p in finished):
+            return RunPlan(run_dir, complete=True)
+        last = last_complete_checkpoint(run_dir / "checkpoints", cfg.resolved_replay_ratio() > 0)
+        return RunPlan(run_dir, resume_from=last)
+    if run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir()) and not overwrite:
+        raise ArrtuneError(
+            f"{run_dir}: exists and is not an arrtune run directory; pass --overwrite to reuse it"
+        )
+    return RunPlan(run_dir)
+
+
+def start_run(plan: RunPlan, cfg: TrainConfig) -> None:
+    """On the main process: lock the run directory; a fresh run clears earlier outputs and records its config; a resume changes
+    nothing here (the metrics logged after its checkpoint are dropped once the checkpoint has loaded)."""
+    run_dir = plan.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    hold_lock(run_dir / LOCK_NAME, f"{run_dir}: this run directory")  # until this process ends
+    if plan.resume_from:
+        return
+    for name in ("adapter", "checkpoints", "metrics.jsonl", "train_summary.json", "eval.json"):
+        target = run_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from arrtune.config import dump_yaml_atomic
+
+    dump_yaml_atomic(cfg.resolved().to_dict(), run_dir / "config.yaml")
+
+
+def save_adapter(model: Any, target: Path, base_id: str | None = None) -> None:
+    """Save the PEFT adapter into ``target`` atomically (0755, like a plain ``save_pretrained``), naming
+    ``base_id`` as its base model when given."""
+    tmp = Path(tempfile.mkdtemp(prefix="adapter.tmp-", dir=target.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        if base_id:
+            from arrtune.models import name_base_model
+
+            name_base_model(model, base_id)
+        model.save_pretrained(tmp, safe_serialization=True)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable(directory: Path) -> None:
+    """Raise ``ArrtuneError`` unless ``directory`` is, or can be created as, a writable directory (checked
+    before the model is loaded: a read-only file system, a file in the path, no permission)."""
+    probe = directory
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ArrtuneError(f"{directory}: cannot be created, {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        reason = "read-only file system" if _read_only(probe) else "no permission to write"
+        raise ArrtuneError(f"{directory}: cannot write there ({probe}: {reason})")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def final_step(checkpoint: str | None) -> int | None:
+    """The checkpoint's step when it is the run's last one (``global_step >= max_steps``), else None."""
+    if checkpoint is None:
+        return None
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+        step, last = int(state["global_step"]), int(state["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArrtuneError(f"{checkpoint}: unreadable trainer_state.json ({exc})") from exc
+    return step if last > 0 and step >= last else None
+
+
+def checkpoint_step(checkpoint: str | None) -> int | None:
+    """The step of a ``checkpoint-N`` directory (None for no checkpoint)."""
+    return None if checkpoint is None else int(Path(checkpoint).name.rsplit("-", 1)[1])
