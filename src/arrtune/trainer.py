@@ -385,7 +385,9 @@ class ARRTrainer(Trainer):
                     path = Path(staging, name, REPLAY_STATE.format(rank=state["rank"]))
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(state))
-        if self.controller is not None:  # every rank's multiplier (the same on all ranks), written by the main
+        if (
+            self.controller is not None
+        ):  # every rank's multiplier (the same on all ranks), written by the main
             states = gather_object([asdict(self.controller)])
             if self.args.should_save:
                 for rank, state in enumerate(states):
