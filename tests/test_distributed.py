@@ -1,5 +1,6 @@
-"""Two CPU processes (gloo, ``torchrun``) on the tiny model: the same per-step losses as one process with the
-same global batch, a disjoint share of the replay stream per rank, and outputs written by rank 0 only.
+"""Two CPU processes (gloo, ``torchrun``) on the tiny model, under DDP (with gradient checkpointing) and under
+FSDP: the same per-step losses as one process with the same global batch, a disjoint share of the replay
+stream per rank, and outputs written by rank 0 only.
 
 Tolerance: DDP averages the ranks' per-micro-batch mean losses, while one process takes the mean over the
 whole batch; these agree when every example has the same number of tokens and response tokens, so the data
@@ -71,7 +72,7 @@ def test_two_processes_match_one_process_and_shard_the_replay_stream(
     replay.write_text("\n\n".join(f"Replay document number {i} is about topic {i * 7 % 13}." for i in range(N_REPLAY_DOCS)))  # fmt: skip
     common = [f"model={tiny_model_dir}", f"data={data}", f"replay={replay}", "method=arr", "replay_weight=0",
               "kl_on=sft", "kl_coef=0.1", "max_steps=6", "save_steps=3", "warmup_steps=0", "learning_rate=0.01",
-              "seed=5", "precision=fp32", "disable_tqdm=true", "drift_budget=0.01"]  # fmt: skip
+              "seed=5", "precision=fp32", "disable_tqdm=true", "drift_budget=0.01", "gradient_checkpointing=true"]  # fmt: skip
 
     two = tmp_path / "two"
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
@@ -121,3 +122,36 @@ def test_two_processes_match_one_process_and_shard_the_replay_stream(
         (tmp_path / "one" / "checkpoints" / "checkpoint-6" / "replay_state_rank0.json").read_text()
     )
     assert single["world_size"] == 1
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+                    reason="torchrun not installed")  # fmt: skip
+def test_fsdp_two_processes_match_one_process(tiny_model_dir: Path, tiny_tokenizer, tmp_path: Path) -> None:
+    """FSDP (full shard, through the Trainer's ``fsdp``/``fsdp_config`` fields) on 2 CPU processes with gloo:
+    the same per-step loss terms and the same final adapter as one process with the same global batch."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in equal_length_examples(tiny_tokenizer, 12)))
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(f"model: {tiny_model_dir}\ndata: {data}\nmethod: kl\nkl_coef: 0.1\nmax_steps: 3\n"
+                      "warmup_steps: 0\nlearning_rate: 0.01\nseed: 5\nprecision: fp32\ndisable_tqdm: true\n")  # fmt: skip
+    fsdp = ["fsdp=full_shard auto_wrap",
+            'fsdp_config={"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "use_orig_params": true}']  # fmt: skip
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "arrtune", "train", "--config", str(config),
+           *fsdp, f"output_dir={tmp_path / 'two'}", "per_device_train_batch_size=2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    one = train(load_config(config, [f"output_dir={tmp_path / 'one'}", "per_device_train_batch_size=4"]))
+    a, b = per_step(one), per_step(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        for key in ("sft_loss", "kl", "loss"):
+            assert abs(a[step][key] - b[step][key]) <= 1e-4, (step, key, a[step][key], b[step][key])
+    single = load_file(one / "adapter" / "adapter_model.safetensors")
+    sharded = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert single.keys() == sharded.keys()
+    for name in single:
+        assert torch.allclose(single[name], sharded[name], atol=1e-4), name
