@@ -60,6 +60,12 @@ def test_sweeps_expand_with_distinct_names(tmp_path: Path) -> None:
         write_grid(tmp_path, tmp_path, [{"method": ["sft", "arr"], "precision": "fp32"}])
     )
     assert [s.name for s in expand_runs(swept_method)] == ["sft-precision=fp32", "arr-precision=fp32"]
+    own_seeds = load_grid(write_grid(tmp_path, tmp_path, [{"method": "sft"}, {"method": "arr", "seeds": [3]}]),
+                          ["seeds=[0, 1]"])  # fmt: skip
+    assert [s.name for s in expand_runs(own_seeds)] == ["sft-seed=0", "sft-seed=1", "arr-seed=3"]
+    assert [s.config.seed for s in expand_runs(own_seeds)] == [0, 1, 3]
+    with pytest.raises(ArrtuneError, match=r"runs\[0\]: seeds"):
+        expand_runs(load_grid(write_grid(tmp_path, tmp_path, [{"method": "arr", "seeds": []}])))
     bad = load_grid(write_grid(tmp_path, tmp_path, [{"method": "arr", "kl_cof": 0.1}]))
     with pytest.raises(ArrtuneError, match="did you mean 'kl_coef'"):
         expand_runs(bad)

@@ -65,21 +65,29 @@ def _fmt_value(value: Any) -> str:
     return str(value).replace("/", "_").replace(" ", "")
 
 
-def expand_runs(grid: GridConfig) -> list[RunSpec]:
-    """Turn the grid's run entries into named runs (list values expand into their cartesian product)."""
-    specs: list[RunSpec] = []
-    if grid.seeds is not None and (
-        not isinstance(grid.seeds, list)
-        or not grid.seeds
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in grid.seeds)
-        or len(set(grid.seeds)) != len(grid.seeds)
+def _check_seeds(seeds: Any, where: str) -> list[int] | None:
+    """``seeds`` when it is None or a non-empty list of distinct integers >= 0; else ``ArrtuneError``."""
+    if seeds is not None and (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in seeds)
+        or len(set(seeds)) != len(seeds)
     ):
-        raise ArrtuneError(f"grid: seeds={grid.seeds!r} must be a list of distinct integers >= 0")
+        raise ArrtuneError(f"{where}: seeds={seeds!r} must be a list of distinct integers >= 0")
+    return seeds
+
+
+def expand_runs(grid: GridConfig) -> list[RunSpec]:
+    """Turn the grid's run entries into named runs (list values expand into their cartesian product; a run
+    entry's own ``seeds`` replaces the grid's for that entry)."""
+    specs: list[RunSpec] = []
+    _check_seeds(grid.seeds, "grid")
     for i, entry in enumerate(grid.runs):
         if not isinstance(entry, dict):
             raise ArrtuneError(f"grid: runs[{i}] must be a mapping of config keys")
         entry = dict(entry)
         name = entry.pop("name", None)
+        seeds = _check_seeds(entry.pop("seeds"), f"grid: runs[{i}]") if "seeds" in entry else grid.seeds
         swept = {k: v for k, v in entry.items() if isinstance(v, list) and k != "target_modules"}
         fixed = {k: v for k, v in entry.items() if k not in swept}
         for combo in itertools.product(*swept.values()) if swept else [()]:
@@ -95,7 +103,7 @@ def expand_runs(grid: GridConfig) -> list[RunSpec]:
                 run_name = "-".join([name, *swept_parts])
             else:
                 run_name = "-".join([str(values.get("method", "arr")), *parts])
-            for seed in grid.seeds if grid.seeds is not None else [None]:
+            for seed in seeds if seeds is not None else [None]:
                 name_s = run_name if seed is None else f"{run_name}-seed={seed}"
                 values_s = values if seed is None else {**values, "seed": seed}
                 values_s["output_dir"] = str(Path(grid.output_dir) / "runs" / name_s)
