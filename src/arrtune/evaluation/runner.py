@@ -312,242 +312,246 @@ def _check_base_result(base_result: Any, cfg: EvalConfig) -> dict[str, Any]:
     return base_result["base_cache"]
 
 
-def _run(
-    model,
-    tokenizer,
-    cfg: EvalConfig,
-    base_ctx: Callable[[], AbstractContextManager] | None,
-    progress: bool,
-    cache: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    pair = base_ctx is not None
-    columns = ["base", "adapted"] if pair else ["model"]
-    own = "base" if pair else "model"  # the column of the base model
-    cached = pair and cache is not None  # base column from an earlier evaluate_single
-    computed = [c for c in columns if not (cached and c == "base")]
-    contexts = {"base": base_ctx, "adapted": nullcontext, "model": nullcontext}
-    metrics: dict[str, dict[str, Any]] = {c: {} for c in columns}
-    per_item: dict[str, dict[str, list[int]]] = {c: {} for c in columns}  # 0/1 per item, for paired stderr
-    timing: dict[str, dict[str, float]] = {c: {} for c in columns}
-    parts: dict[str, float] = {}
-    result: dict[str, Any] = {"mode": "pair" if pair else "single"}
-    own_cache: dict[str, Any] = {}  # what a later evaluate_model_pair needs of this (base) model
-    t_total = time.perf_counter()
+class _Evaluation:
+    """One evaluation, measurement family by measurement family: each method adds its metrics (and 0/1 outcomes
+    per item, and timings) for every column (``base`` and ``adapted`` in pair mode, ``model`` alone), and
+    :meth:`result` assembles them. In pair mode with a cached base result, the base column's benchmark scores,
+    task answers and chat answers come from the cache instead of being computed again."""
 
-    def from_cache(section: str, keys) -> dict[str, Any]:
+    def __init__(self, model: Any, tokenizer: Any, cfg: EvalConfig,
+                 base_ctx: Callable[[], AbstractContextManager] | None, progress: bool,
+                 cache: dict[str, Any] | None) -> None:  # fmt: skip
+        self.model, self.tokenizer, self.cfg, self.base_ctx, self.progress = (
+            model,
+            tokenizer,
+            cfg,
+            base_ctx,
+            progress,
+        )
+        self.cache = cache
+        self.pair = base_ctx is not None
+        self.columns = ["base", "adapted"] if self.pair else ["model"]
+        self.own = "base" if self.pair else "model"  # the column of the base model
+        self.cached = self.pair and cache is not None  # base column from an earlier evaluate_single
+        self.computed = [c for c in self.columns if not (self.cached and c == "base")]
+        self.contexts = {"base": base_ctx, "adapted": nullcontext, "model": nullcontext}
+        self.metrics: dict[str, dict[str, Any]] = {c: {} for c in self.columns}
+        self.per_item: dict[str, dict[str, list[int]]] = {c: {} for c in self.columns}  # 0/1, for paired SE
+        self.timing: dict[str, dict[str, float]] = {c: {} for c in self.columns}
+        self.parts: dict[str, float] = {}
+        self.extra: dict[str, Any] = {}  # examples, task_examples, leak_vocabulary_size, form_check
+        self.own_cache: dict[str, Any] = {}  # what a later evaluate_model_pair needs of this (base) model
+        self.started = time.perf_counter()
+
+    def from_cache(self, section: str, keys: Any) -> dict[str, Any]:
         try:
-            return {k: _cached(cache[section][k]) for k in keys}
+            return {k: _cached(self.cache[section][k]) for k in keys}  # type: ignore[index]
         except (KeyError, TypeError) as exc:
             raise ValueError(f"base_result: base_cache has no {section} entry {exc}") from None
 
-    # 1. multiple-choice benchmarks
-    t0 = time.perf_counter()
-    for spec in cfg.benchmarks:
-        items = load_benchmark(spec, cfg.n_per_benchmark, cfg.seed)
-        name = benchmark_name(spec)
-        for c in computed:
-            with contexts[c]():
-                r = score_items(model, tokenizer, items, name, cfg.batch_size, progress=progress)
-            metrics[c].update(r.metrics())
-            per_item[c][f"{name}/acc"] = r.correct
-            per_item[c][f"{name}/acc_norm"] = r.correct_norm
-            timing[c][f"{name}/items_per_s"] = r.items_per_s
-            timing[c][f"{name}/seconds"] = r.seconds
-        if cached:
-            metrics["base"].update(from_cache("metrics", r.metrics()))
-            per_item["base"].update(from_cache("per_item", (f"{name}/acc", f"{name}/acc_norm")))
-            timing["base"].update(from_cache("timing", (f"{name}/items_per_s", f"{name}/seconds")))
-    if cfg.benchmarks:
-        for c in columns:
-            metrics[c]["mc/mean_acc"] = mean([metrics[c][f"{benchmark_name(s)}/acc"] for s in cfg.benchmarks])
-        parts["benchmarks"] = time.perf_counter() - t0
+    def benchmarks(self) -> None:
+        """Multiple-choice benchmarks: accuracy and normalised accuracy, per item."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        for spec in cfg.benchmarks:
+            items = load_benchmark(spec, cfg.n_per_benchmark, cfg.seed)
+            name = benchmark_name(spec)
+            for c in self.computed:
+                with self.contexts[c]():
+                    r = score_items(
+                        self.model, self.tokenizer, items, name, cfg.batch_size, progress=self.progress
+                    )
+                self.metrics[c].update(r.metrics())
+                self.per_item[c][f"{name}/acc"] = r.correct
+                self.per_item[c][f"{name}/acc_norm"] = r.correct_norm
+                self.timing[c][f"{name}/items_per_s"] = r.items_per_s
+                self.timing[c][f"{name}/seconds"] = r.seconds
+            if self.cached:
+                self.metrics["base"].update(self.from_cache("metrics", r.metrics()))
+                self.per_item["base"].update(self.from_cache("per_item", (f"{name}/acc", f"{name}/acc_norm")))
+                self.timing["base"].update(
+                    self.from_cache("timing", (f"{name}/items_per_s", f"{name}/seconds"))
+                )
+        if cfg.benchmarks:
+            for c in self.columns:
+                scores = [self.metrics[c][f"{benchmark_name(s)}/acc"] for s in cfg.benchmarks]
+                self.metrics[c]["mc/mean_acc"] = mean(scores)
+            self.parts["benchmarks"] = time.perf_counter() - t0
 
-    # 2. perplexity, bits per byte, drift on held-out text (both models from one pass in pair mode; the base
-    # forward is needed for drift, so a cache does not skip it)
-    t0 = time.perf_counter()
-    for set_name, texts in _text_sets(cfg).items():
-        r = text_metrics(
-            model,
-            tokenizer,
-            texts,
-            cfg.max_text_tokens,
-            cfg.batch_size,
-            base_ctx,
-            progress,
-            desc=f"text/{set_name}",
-        )
-        if pair:
-            metrics["base"].update({f"ppl/{set_name}": r.ppl_base, f"bpb/{set_name}": r.bpb_base})
-            metrics["adapted"].update(
-                {f"ppl/{set_name}": r.ppl, f"bpb/{set_name}": r.bpb, f"drift/{set_name}": r.drift}
-            )
-        else:
-            metrics["model"].update({f"ppl/{set_name}": r.ppl, f"bpb/{set_name}": r.bpb})
-    if cfg.n_text > 0:
-        parts["text"] = time.perf_counter() - t0
+    def text(self) -> None:
+        """Perplexity, bits per byte and drift on held-out text (both models from one pass in pair mode; the
+        base forward is needed for drift, so a cache does not skip it)."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        for set_name, texts in _text_sets(cfg).items():
+            r = text_metrics(self.model, self.tokenizer, texts, cfg.max_text_tokens, cfg.batch_size, self.base_ctx,
+                             self.progress, desc=f"text/{set_name}")  # fmt: skip
+            if self.pair:
+                self.metrics["base"].update({f"ppl/{set_name}": r.ppl_base, f"bpb/{set_name}": r.bpb_base})
+                self.metrics["adapted"].update(
+                    {f"ppl/{set_name}": r.ppl, f"bpb/{set_name}": r.bpb, f"drift/{set_name}": r.drift}
+                )
+            else:
+                self.metrics["model"].update({f"ppl/{set_name}": r.ppl, f"bpb/{set_name}": r.bpb})
+        if cfg.n_text > 0:
+            self.parts["text"] = time.perf_counter() - t0
 
-    # 3. plasticity: the new task (exact match of greedy answers, loss of reference responses)
-    t0 = time.perf_counter()
-    task_examples, train_responses = load_task(cfg, tokenizer)
-    if task_examples:
-        prompts = [e.prompt_ids for e in task_examples]
-        predictions: dict[str, list[str]] = {}
+    def task(self) -> tuple[list[TaskExample], list[str]]:
+        """Plasticity: exact match of greedy answers and loss of reference responses on the held-out task,
+        and the forgetting forecast (KL base || adapted on the adapted model's task answers). Returns the task
+        examples and the task's training responses (what leak and bleed learn from)."""
         from arrtune.data.task import exact_match
 
-        for c in columns:
-            if c not in computed:
-                predictions[c] = list(from_cache("task", ["answers"])["answers"])
-                per_item[c].update(from_cache("per_item", ["task/exact_match"]))
-                metrics[c].update(from_cache("metrics", _TASK_KEYS))
+        cfg, t0 = self.cfg, time.perf_counter()
+        task_examples, train_responses = load_task(cfg, self.tokenizer)
+        if not task_examples:
+            return task_examples, train_responses
+        prompts = [e.prompt_ids for e in task_examples]
+        predictions: dict[str, list[str]] = {}
+        for c in self.columns:
+            if c not in self.computed:
+                predictions[c] = list(self.from_cache("task", ["answers"])["answers"])
+                self.per_item[c].update(self.from_cache("per_item", ["task/exact_match"]))
+                self.metrics[c].update(self.from_cache("metrics", _TASK_KEYS))
                 if len(predictions[c]) != len(task_examples):
                     raise ValueError("base_result: base_cache holds answers to a different number of tasks")
                 continue
-            with contexts[c]():
-                ans = answer(
-                    model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, progress, f"task/{c}"
-                )
+            with self.contexts[c]():
+                ans = answer(self.model, self.tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, self.progress,
+                             f"task/{c}")  # fmt: skip
             predictions[c] = ans.texts
-            if (
-                c == "adapted"
-            ):  # the forgetting forecast: KL(base || adapted) on the adapted model's task answers
-                keep = [i for i, a in enumerate(ans.ids) if a]
-                if keep:
-                    forecast = score_sequences(
-                        model, tokenizer, [ans.prompts[i] + ans.ids[i] for i in keep],
-                        [len(ans.prompts[i]) for i in keep], cfg.batch_size, base_ctx, progress=progress,
-                        desc="task/drift",
-                    )  # fmt: skip
-                    metrics[c]["drift/task"] = forecast.mean_kl()
+            if c == "adapted":
+                self._forecast(ans)
             correct = [int(exact_match(p, e.reference)) for p, e in zip(ans.texts, task_examples)]
-            per_item[c]["task/exact_match"] = correct
+            self.per_item[c]["task/exact_match"] = correct
             em = mean(correct)
-            metrics[c].update(
-                {
-                    "task/exact_match": em,
-                    "task/exact_match_stderr": binomial_stderr(em, len(correct)),
-                    "task/n": len(correct),
-                }
-            )
+            self.metrics[c].update({"task/exact_match": em, "task/exact_match_stderr": binomial_stderr(em, len(correct)),
+                                    "task/n": len(correct)})  # fmt: skip
         stats = score_sequences(
-            model,
-            tokenizer,
-            [e.prompt_ids + e.response_ids for e in task_examples],
-            [len(e.prompt_ids) for e in task_examples],
-            cfg.batch_size,
-            None if cached else base_ctx,
-            kl=False,
-            progress=progress,
-            desc="task/loss",
-        )
-        if cached:
-            metrics["base"].update(from_cache("metrics", ["task/loss"]))
-            metrics["adapted"]["task/loss"] = stats.mean_nll()
-        elif pair:
-            metrics["base"]["task/loss"] = stats.mean_nll(base=True)
-            metrics["adapted"]["task/loss"] = stats.mean_nll()
+            self.model, self.tokenizer, [e.prompt_ids + e.response_ids for e in task_examples],
+            [len(e.prompt_ids) for e in task_examples], cfg.batch_size, None if self.cached else self.base_ctx,
+            kl=False, progress=self.progress, desc="task/loss",
+        )  # fmt: skip
+        if self.cached:
+            self.metrics["base"].update(self.from_cache("metrics", ["task/loss"]))
+            self.metrics["adapted"]["task/loss"] = stats.mean_nll()
+        elif self.pair:
+            self.metrics["base"]["task/loss"] = stats.mean_nll(base=True)
+            self.metrics["adapted"]["task/loss"] = stats.mean_nll()
         else:
-            metrics["model"]["task/loss"] = stats.mean_nll()
-        own_cache["task"] = {"answers": predictions[own]}
-        result["task_examples"] = [
-            {"prompt": e.prompt, "reference": e.reference, **{c: predictions[c][k] for c in columns}}
+            self.metrics["model"]["task/loss"] = stats.mean_nll()
+        self.own_cache["task"] = {"answers": predictions[self.own]}
+        self.extra["task_examples"] = [
+            {"prompt": e.prompt, "reference": e.reference, **{c: predictions[c][k] for c in self.columns}}
             for k, e in enumerate(task_examples[: max(cfg.n_examples, 0)])
         ]
-        parts["task"] = time.perf_counter() - t0
+        self.parts["task"] = time.perf_counter() - t0
+        return task_examples, train_responses
 
-    # 4. the base model's greedy answers to general questions; in pair mode drift on them and leak. A single
-    # model answers them too (they are what a later pair evaluation against it reuses), unless its tokenizer
-    # has no chat template (then it could not be the base of an adapter evaluation anyway)
-    questions = _questions(cfg)
-    chat_ok = pair or getattr(tokenizer, "chat_template", None) is not None
-    if questions and chat_ok:
+    def _forecast(self, ans: Answers) -> None:
+        """``drift/task``: KL(base || adapted) on the adapted model's own answers to the task prompts."""
+        keep = [i for i, a in enumerate(ans.ids) if a]
+        if keep:
+            forecast = score_sequences(
+                self.model, self.tokenizer, [ans.prompts[i] + ans.ids[i] for i in keep],
+                [len(ans.prompts[i]) for i in keep], self.cfg.batch_size, self.base_ctx, progress=self.progress,
+                desc="task/drift",
+            )  # fmt: skip
+            self.metrics["adapted"]["drift/task"] = forecast.mean_kl()
+
+    def chat(self, task_examples: list[TaskExample], train_responses: list[str]) -> None:
+        """The base model's greedy answers to general questions; in pair mode, drift on them, leak and bleed.
+        A single model answers them too (they are what a later pair evaluation against it reuses), unless its
+        tokenizer has no chat template (then it could not be the base of an adapter evaluation anyway)."""
+        cfg, questions = self.cfg, _questions(self.cfg)
+        if not questions or not (self.pair or getattr(self.tokenizer, "chat_template", None) is not None):
+            return
         t0 = time.perf_counter()
-        prompts = [question_prompt_ids(tokenizer, q) for q in questions]
-        if cached:
-            chat = from_cache("chat", ("questions", "prompt_ids", "answer_ids", "answers"))
+        prompts = [question_prompt_ids(self.tokenizer, q) for q in questions]
+        if self.cached:
+            chat = self.from_cache("chat", ("questions", "prompt_ids", "answer_ids", "answers"))
             if chat["questions"] != questions or chat["prompt_ids"] != prompts:
                 raise ValueError(
                     "base_result: its general questions differ from these (another tokenizer or question set)"
                 )
             base_ans = Answers(prompts, [list(a) for a in chat["answer_ids"]], list(chat["answers"]))
         else:
-            with contexts[own]():
-                base_ans = answer(
-                    model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, progress, f"chat/{own}"
-                )
-        own_cache["chat"] = {
-            "questions": questions,
-            "prompt_ids": base_ans.prompts,
-            "answer_ids": base_ans.ids,
-            "answers": base_ans.texts,
-        }
-        if pair:
-            adapted_ans = answer(
-                model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, progress, "chat/adapted"
-            )
-            keep = [i for i, a in enumerate(base_ans.ids) if a]
-            stats = score_sequences(
-                model,
-                tokenizer,
-                [base_ans.prompts[i] + base_ans.ids[i] for i in keep],
-                [len(base_ans.prompts[i]) for i in keep],
-                cfg.batch_size,
-                base_ctx,
-                progress=progress,
-                desc="chat/drift",
-            )
-            metrics["adapted"]["drift/chat"] = stats.mean_kl()
-            hits: list[list[str]] = [[] for _ in questions]
-            bleeds = [0 for _ in questions]
-            if train_responses:
-                task_vocab = leak_vocabulary(train_responses, base_ans.texts, general_vocabulary())
-                hits = [leaked_words(t, task_vocab) for t in adapted_ans.texts]
-                leaks = [int(bool(h)) for h in hits]
-                rate = mean(leaks)
-                metrics["adapted"].update({"leak": rate, "leak_stderr": binomial_stderr(rate, len(leaks))})
-                result["leak_vocabulary_size"] = len(task_vocab)
-                references = [e.reference for e in task_examples]
-                bleed = measure_bleed(train_responses, references, base_ans.texts, adapted_ans.texts)
-                bleeds = bleed.bleeds
-                rate = mean(bleeds)
-                metrics["adapted"].update({"bleed": rate, "bleed_stderr": binomial_stderr(rate, len(bleeds))})
-                result["form_check"] = {
-                    "task_recall": bleed.task_recall,
-                    "base_false_positive": bleed.base_false_positive,
-                }
-                per_item["adapted"].update({"leak": leaks, "bleed": bleeds})
-            # answers that leak or bleed first
-            order = sorted(range(len(questions)), key=lambda i: (not (hits[i] or bleeds[i]), i))
-            result["examples"] = [
-                {
-                    "question": questions[i],
-                    "base": base_ans.texts[i],
-                    "adapted": adapted_ans.texts[i],
-                    "leaked": hits[i],
-                    "bleeds": bool(bleeds[i]),
-                }
-                for i in order[: max(cfg.n_examples, 0)]
-            ]
-        parts["chat"] = time.perf_counter() - t0
+            with self.contexts[self.own]():
+                base_ans = answer(self.model, self.tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size,
+                                  self.progress, f"chat/{self.own}")  # fmt: skip
+        self.own_cache["chat"] = {"questions": questions, "prompt_ids": base_ans.prompts,
+                                  "answer_ids": base_ans.ids, "answers": base_ans.texts}  # fmt: skip
+        if self.pair:
+            self._behaviour(questions, base_ans, task_examples, train_responses)
+        self.parts["chat"] = time.perf_counter() - t0
 
-    parts["total"] = time.perf_counter() - t_total
-    out: dict[str, Any] = {"mode": result.pop("mode")}
-    for c in columns:
-        out[c] = metrics[c]
-    if pair:
-        out["delta"] = _delta(metrics["base"], metrics["adapted"], per_item["base"], per_item["adapted"])
-    out.update(result)  # examples, task_examples, leak_vocabulary_size, form_check
-    out["per_item"] = per_item  # 0/1 per item and column, to compare runs item by item (paired)
-    out["timing"] = {**{c: timing[c] for c in columns}, "parts_s": parts}
-    out["config"] = asdict(cfg)
-    if not pair:
-        reused = [k for k in metrics["model"] if k.endswith(_BENCH_SUFFIXES) or k.startswith("task/")]
-        out["base_cache"] = {
-            "metrics": {k: metrics["model"][k] for k in reused},
-            "per_item": per_item["model"],
-            "timing": timing["model"],
-            **own_cache,
-        }
-    return out
+    def _behaviour(self, questions: list[str], base_ans: Answers, task_examples: list[TaskExample],
+                   train_responses: list[str]) -> None:  # fmt: skip
+        """Drift on the base model's chat answers; leak and bleed of the adapted model's answers; examples."""
+        cfg, adapted = self.cfg, self.metrics["adapted"]
+        adapted_ans = answer(self.model, self.tokenizer, base_ans.prompts, cfg.max_new_tokens, cfg.batch_size,
+                             self.progress, "chat/adapted")  # fmt: skip
+        keep = [i for i, a in enumerate(base_ans.ids) if a]
+        stats = score_sequences(
+            self.model, self.tokenizer, [base_ans.prompts[i] + base_ans.ids[i] for i in keep],
+            [len(base_ans.prompts[i]) for i in keep], cfg.batch_size, self.base_ctx, progress=self.progress,
+            desc="chat/drift",
+        )  # fmt: skip
+        adapted["drift/chat"] = stats.mean_kl()
+        hits: list[list[str]] = [[] for _ in questions]
+        bleeds = [0 for _ in questions]
+        if train_responses:
+            task_vocab = leak_vocabulary(train_responses, base_ans.texts, general_vocabulary())
+            hits = [leaked_words(t, task_vocab) for t in adapted_ans.texts]
+            leaks = [int(bool(h)) for h in hits]
+            adapted.update({"leak": mean(leaks), "leak_stderr": binomial_stderr(mean(leaks), len(leaks))})
+            self.extra["leak_vocabulary_size"] = len(task_vocab)
+            references = [e.reference for e in task_examples]
+            bleed = measure_bleed(train_responses, references, base_ans.texts, adapted_ans.texts)
+            bleeds = bleed.bleeds
+            adapted.update(
+                {"bleed": mean(bleeds), "bleed_stderr": binomial_stderr(mean(bleeds), len(bleeds))}
+            )
+            self.extra["form_check"] = {"task_recall": bleed.task_recall,
+                                        "base_false_positive": bleed.base_false_positive}  # fmt: skip
+            self.per_item["adapted"].update({"leak": leaks, "bleed": bleeds})
+        order = sorted(
+            range(len(questions)), key=lambda i: (not (hits[i] or bleeds[i]), i)
+        )  # leaks/bleeds first
+        self.extra["examples"] = [
+            {"question": questions[i], "base": base_ans.texts[i], "adapted": adapted_ans.texts[i],
+             "leaked": hits[i], "bleeds": bool(bleeds[i])}
+            for i in order[: max(cfg.n_examples, 0)]
+        ]  # fmt: skip
+
+    def result(self) -> dict[str, Any]:
+        """The result dictionary (see :func:`evaluate_single` and :func:`evaluate_model_pair`)."""
+        self.parts["total"] = time.perf_counter() - self.started
+        out: dict[str, Any] = {"mode": "pair" if self.pair else "single"}
+        for c in self.columns:
+            out[c] = self.metrics[c]
+        if self.pair:
+            out["delta"] = _delta(self.metrics["base"], self.metrics["adapted"], self.per_item["base"],
+                                  self.per_item["adapted"])  # fmt: skip
+        out.update(self.extra)
+        out["per_item"] = self.per_item  # 0/1 per item and column, to compare runs item by item (paired)
+        out["timing"] = {**{c: self.timing[c] for c in self.columns}, "parts_s": self.parts}
+        out["config"] = asdict(self.cfg)
+        if not self.pair:
+            model = self.metrics["model"]
+            reused = [k for k in model if k.endswith(_BENCH_SUFFIXES) or k.startswith("task/")]
+            out["base_cache"] = {"metrics": {k: model[k] for k in reused}, "per_item": self.per_item["model"],
+                                 "timing": self.timing["model"], **self.own_cache}  # fmt: skip
+        return out
+
+
+def _run(model, tokenizer, cfg: EvalConfig, base_ctx: Callable[[], AbstractContextManager] | None, progress: bool,
+         cache: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Evaluate: benchmarks, held-out text, the task, then chat behaviour (see :class:`_Evaluation`)."""
+    evaluation = _Evaluation(model, tokenizer, cfg, base_ctx, progress, cache)
+    evaluation.benchmarks()
+    evaluation.text()
+    task_examples, train_responses = evaluation.task()
+    evaluation.chat(task_examples, train_responses)
+    return evaluation.result()
 
 
 def _delta(base: dict, adapted: dict, base_items: dict, adapted_items: dict) -> dict[str, float]:
