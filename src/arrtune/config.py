@@ -60,7 +60,7 @@ PRESETS: dict[str, tuple[float, float]] = {
 }
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def _field(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -74,136 +74,140 @@ class TrainConfig(TrainingArguments):
     checkpoints go to its ``checkpoints/`` sub-directory."""
 
     # -- Hugging Face fields whose defaults arrtune changes ----------------------------------------------
-    output_dir: str = _f(
+    output_dir: str = _field(
         "runs/arr", "Directory of this run: config.yaml, adapter/, metrics.jsonl, checkpoints/."
     )
-    learning_rate: float = _f(1e-3, "Peak learning rate (AdamW).")
-    lr_scheduler_type: str = _f(
+    learning_rate: float = _field(1e-3, "Peak learning rate (AdamW).")
+    lr_scheduler_type: str = _field(
         "constant_with_warmup", "transformers scheduler name (linear, cosine, constant, ...)."
     )
-    warmup_steps: float = _f(5, "Linear warm-up, in optimizer steps.")
-    max_steps: int = _f(60, "Optimizer steps to train; <= 0 means use num_train_epochs.")
-    num_train_epochs: float = _f(1.0, "Epochs over the SFT data when max_steps <= 0.")
-    seed: int = _f(0, "Seed for LoRA init, data order, the replay stream and dropout.")
-    logging_steps: float = _f(1, "Log the loss terms every this many optimizer steps.")
-    save_steps: float = _f(
+    warmup_steps: float = _field(5, "Linear warm-up, in optimizer steps.")
+    max_steps: int = _field(60, "Optimizer steps to train; <= 0 means use num_train_epochs.")
+    num_train_epochs: float = _field(1.0, "Epochs over the SFT data when max_steps <= 0.")
+    seed: int = _field(0, "Seed for LoRA init, data order, the replay stream and dropout.")
+    logging_steps: float = _field(1, "Log the loss terms every this many optimizer steps.")
+    save_steps: float = _field(
         0, "Save a resumable checkpoint every this many steps (0 = only the final adapter, no checkpoints)."
     )
-    save_total_limit: int | None = _f(2, "Checkpoints kept on disk.")
-    report_to: None | str | list[str] = _f(
+    save_total_limit: int | None = _field(2, "Checkpoints kept on disk.")
+    report_to: None | str | list[str] = _field(
         "none",
         "Experiment trackers: none, tensorboard, wandb, trackio, mlflow, ... (every loss term is logged).",
     )
-    remove_unused_columns: bool = _f(False, "Kept False: arrtune's collator builds the batches.")
-    label_names: list[str] | None = _f(["labels"], "Kept ['labels'].")
-    ddp_find_unused_parameters: bool | None = _f(False, "False: every LoRA parameter gets a gradient.")
+    remove_unused_columns: bool = _field(False, "Kept False: arrtune's collator builds the batches.")
+    label_names: list[str] | None = _field(["labels"], "Kept ['labels'].")
+    ddp_find_unused_parameters: bool | None = _field(False, "False: every LoRA parameter gets a gradient.")
 
     # -- model and data --------------------------------------------------------------------------------
-    model: str = _f(
+    model: str = _field(
         "smollm2-135m-instruct", "Model spec: built-in alias, .gguf file, local HF directory or Hub id."
     )
-    model_dtype: str = _f(
+    model_dtype: str = _field(
         "auto",
         "Precision the base weights are loaded in: bfloat16, float16, float32, or auto = bfloat16 when training "
         "in bf16 (see precision), else float32. LoRA weights stay float32; the KL reference is this same base.",
     )
-    load_in_4bit: bool = _f(
+    load_in_4bit: bool = _field(
         False,
         "QLoRA: load the base weights 4-bit (bitsandbytes NF4, double quantization, computing in the training "
         "precision) with PEFT's k-bit preparation; the KL reference is this quantized base with the adapter "
         "off. Needs bitsandbytes (pip install 'arrtune[qlora]').",
     )
-    trust_remote_code: bool = _f(
+    trust_remote_code: bool = _field(
         False, "Allow model code from the Hub (off by default; only for models you trust)."
     )
-    data: str = _f(
+    data: str = _field(
         "builtin:vornish",
         "SFT data: builtin:vornish or builtin:keywords (built-in tasks), a .jsonl/.json/.parquet file, or a HF "
         "dataset id.",
     )
-    data_split: str = _f("train", "Split of a HF dataset (or of the built-in task) used for training.")
-    task_eval: str | None = _f(
+    data_split: str = _field("train", "Split of a HF dataset (or of the built-in task) used for training.")
+    task_eval: str | None = _field(
         None,
         "Held-out examples of your task (a .jsonl file, same row formats as data) that eval and compare score "
         "for exact match and response loss; built-in tasks use their own held-out split. Unset with your own "
         "data: no task score.",
     )
-    replay: str = _f(
+    replay: str = _field(
         "builtin",
         "Replay source: 'builtin' (general text shipped with the installed packages), a .txt/.jsonl/.parquet "
         "file, a HF dataset id (streamed), or 'self': the base model's own answers to general prompts "
         "(generated once before training, cached; see replay_prompts and replay_mix).",
     )
-    replay_mix: float = _f(
+    replay_mix: float = _field(
         0.0,
         "Share of the replay tokens that are self-replay (the base model's own answers), the rest coming "
         "from the 'replay' corpus: 0 = corpus only, 0.5 = half each, 1 = self only ('replay: self' means 1).",
     )
-    replay_prompts: str | None = _f(
+    replay_prompts: str | None = _field(
         None,
         "Prompts the base model answers for self-replay: a .txt (one per line) or .jsonl (field prompt, "
         "question or text) file, or a HF dataset id; default: built-in Natural Questions, disjoint from every "
         "evaluation prompt.",
     )
-    replay_temperature: float = _f(0.7, "Sampling temperature of the self-replay answers (0 = greedy).")
-    replay_top_p: float = _f(0.9, "Nucleus (top-p) sampling threshold of the self-replay answers.")
-    replay_max_new_tokens: int = _f(96, "Longest self-replay answer, in tokens.")
-    replay_config: str | None = _f(
+    replay_temperature: float = _field(0.7, "Sampling temperature of the self-replay answers (0 = greedy).")
+    replay_top_p: float = _field(0.9, "Nucleus (top-p) sampling threshold of the self-replay answers.")
+    replay_max_new_tokens: int = _field(96, "Longest self-replay answer, in tokens.")
+    replay_config: str | None = _field(
         None, "Config name of a HF replay dataset (e.g. 'sample-10BT' for fineweb-edu)."
     )
-    replay_split: str = _f("train", "Split of a HF replay dataset.")
-    replay_text_field: str = _f("text", "Field/column holding the text in JSONL, parquet and HF replay data.")
+    replay_split: str = _field("train", "Split of a HF replay dataset.")
+    replay_text_field: str = _field(
+        "text", "Field/column holding the text in JSONL, parquet and HF replay data."
+    )
 
     # -- the method -----------------------------------------------------------------------------------
-    method: str = _f(
+    method: str = _field(
         "arr", "Preset for kl_coef and replay_ratio: sft (0, 0), kl (0.1, 0), replay (0, 1), arr (0.1, 1)."
     )
-    kl_coef: float | None = _f(
+    kl_coef: float | None = _field(
         None, "Weight of the token-mean KL to the initial model (0 = off). Default: from method."
     )
-    kl_direction: str = _f("reverse", "'reverse' = KL(policy || initial), 'forward' = KL(initial || policy).")
-    kl_on: str = _f(
+    kl_direction: str = _field(
+        "reverse", "'reverse' = KL(policy || initial), 'forward' = KL(initial || policy)."
+    )
+    kl_on: str = _field(
         "auto",
         "Tokens carrying the KL: 'sft' (response tokens), 'replay' (replay tokens), 'both', or 'auto' = "
         "'replay' when replay is on, else 'sft' (measured: same task accuracy and retention as 'both', cheaper).",
     )
-    kl_mask_target: bool = _f(
+    kl_mask_target: bool = _field(
         False, "On SFT tokens, drop the label token from both distributions and renormalise."
     )
-    kl_every: int = _f(
+    kl_every: int = _field(
         1, "Compute the KL on one optimizer step in n only, weighted n x kl_coef (1 = every step)."
     )
-    kl_fraction: float = _f(
+    kl_fraction: float = _field(
         1.0,
         "Share of the KL-carrying rows (sequences) of each micro-batch that get the KL: the first "
         "ceil(f x rows). The reference forward shrinks to that share; the KL stays a token mean (1 = all).",
     )
-    loss_chunk_rows: int = _f(
+    loss_chunk_rows: int = _field(
         0,
         "Token rows turned into logits at once for the CE and KL (bounds transient memory); 0 = automatic: "
         "32 MiB of float32 logits per chunk, i.e. 2**23 // vocab_size rows.",
     )
-    replay_ratio: float | None = _f(
+    replay_ratio: float | None = _field(
         None, "Replay tokens per SFT token in each step (0 = no replay). Default: from method."
     )
-    replay_weight: float = _f(1.0, "Weight of the replay cross-entropy in the loss.")
-    drift_budget: float | None = _f(
+    replay_weight: float = _field(1.0, "Weight of the replay cross-entropy in the loss.")
+    drift_budget: float | None = _field(
         None,
         "Nats per KL token the model may drift (off by default). When set, kl_coef is only the starting value "
         "of a multiplier adapted every step to hold the smoothed KL at this budget (docs/drift_budget.md).",
     )
 
     # -- LoRA -----------------------------------------------------------------------------------------
-    lora_r: int = _f(16, "LoRA rank.")
-    lora_alpha: float = _f(32.0, "LoRA scaling numerator (scale = alpha / r).")
-    lora_dropout: float = _f(0.0, "Dropout on the LoRA input (probability).")
-    target_modules: list[str] | str = _f(
+    lora_r: int = _field(16, "LoRA rank.")
+    lora_alpha: float = _field(32.0, "LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = _field(0.0, "Dropout on the LoRA input (probability).")
+    target_modules: list[str] | str = _field(
         "all-linear", "Modules that get adapters: 'all-linear' or a list of names."
     )
 
     # -- optimisation ---------------------------------------------------------------------------------
-    max_length: int = _f(256, "Longest SFT example in tokens; longer ones are dropped and counted.")
-    precision: str = _f(
+    max_length: int = _field(256, "Longest SFT example in tokens; longer ones are dropped and counted.")
+    precision: str = _field(
         "auto",
         "'fp32', 'bf16' (autocast), or 'auto': bf16 on a CUDA GPU that supports it and on a CPU with native "
         "bf16 matmul (AVX512-BF16 / AMX), else fp32.",

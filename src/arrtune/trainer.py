@@ -93,8 +93,8 @@ class _Part:
     ids: torch.Tensor
     labels: torch.Tensor
     attention: torch.Tensor
-    ce_scale: float  # weight of each label token's CE: 1 / n for SFT, replay_weight / n for replay
-    kl_scale: float  # weight of each label token's KL: kl_coef / n KL tokens (0: no KL on these rows)
+    ce_token_weight: float  # weight of each label token's CE: 1 / n for SFT, replay_weight / n for replay
+    kl_token_weight: float  # weight of each label token's KL: kl_coef / n KL tokens (0: no KL on these rows)
     drop_labels: bool  # kl_mask_target on these rows
     kl_rows: int = 0  # the first kl_rows rows carry the KL (kl_fraction)
     n_targets: int = 0  # label tokens of these rows (the CE's denominator)
@@ -167,8 +167,8 @@ class ARRTrainer(Trainer):
         n_kl = sum(p.n_kl_targets for p in kl_parts)
         for part in parts:
             part.n_targets = _n_targets(part.labels)
-            part.ce_scale = (1.0 if part.name == "sft" else cfg.replay_weight) / max(part.n_targets, 1)
-            part.kl_scale = kl_coef / n_kl if part in kl_parts and n_kl > 0 else 0.0
+            part.ce_token_weight = (1.0 if part.name == "sft" else cfg.replay_weight) / max(part.n_targets, 1)
+            part.kl_token_weight = kl_coef / n_kl if part in kl_parts and n_kl > 0 else 0.0
         return parts
 
     def _policy_hidden(self, model: Any, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
@@ -219,7 +219,7 @@ class ARRTrainer(Trainer):
         head = output_head(peft_model)
         kl = None
         in_kl_rows = torch.cat([torch.arange(len(p.ids), device=ids.device) < p.kl_rows for p in parts])
-        kl_weight = per_row([p.kl_scale for p in parts]) * in_kl_rows[:, None]
+        kl_weight = per_row([p.kl_token_weight for p in parts]) * in_kl_rows[:, None]
         if bool((kl_weight != 0).any()):
             kl_rows = (kl_weight != 0).any(1).nonzero().view(-1)
             ref = reference_hidden(peft_model, ids[kl_rows], attention[kl_rows])
@@ -235,7 +235,13 @@ class ARRTrainer(Trainer):
         head_params = [p for p in out_layer.parameters() if p.requires_grad]
         chunk_rows = self.args.loss_chunk_rows or default_chunk_rows(out_layer.weight.shape[0])
         loss, ce_tok, kl_tok = head_losses(
-            hidden[:, :-1], head, targets, per_row([p.ce_scale for p in parts]), kl, head_params, chunk_rows
+            hidden[:, :-1],
+            head,
+            targets,
+            per_row([p.ce_token_weight for p in parts]),
+            kl,
+            head_params,
+            chunk_rows,
         )
         sums = {}
         for i, part in enumerate(parts):
@@ -243,14 +249,15 @@ class ARRTrainer(Trainer):
             sums[f"{part.name}_kl"] = kl_tok[rows == i].sum()
         return loss, sums
 
-    def _passes(self, parts: list[_Part]) -> list[list[_Part]]:
+    def _pass_groups(self, parts: list[_Part]) -> list[list[_Part]]:
+        """The rows of each forward/backward pass: SFT, then replay (one pass for both under DeepSpeed)."""
         return [parts] if self.joint_passes else [[p] for p in parts]
 
     def _record_parts(self, parts: list[_Part], sums: dict[str, torch.Tensor]) -> None:
         terms: dict[str, torch.Tensor | None] = {
             f"{p.name}_loss": sums[f"{p.name}_ce"] / max(p.n_targets, 1) for p in parts
         }
-        kl_parts = [p for p in parts if p.kl_scale > 0]
+        kl_parts = [p for p in parts if p.kl_token_weight > 0]
         if kl_parts:
             n_kl = sum(p.n_kl_targets for p in kl_parts)
             terms["kl"] = sum(sums[f"{p.name}_kl"] for p in kl_parts) / max(n_kl, 1)
@@ -264,7 +271,7 @@ class ARRTrainer(Trainer):
         back-propagated (scaled) before the next runs, and gradients are reduced across ranks once, in the
         backward of the last pass; the returned loss is then detached."""
         parts = self._parts(inputs)
-        passes = self._passes(parts)
+        passes = self._pass_groups(parts)
         total, sums = None, {}
         for i, group in enumerate(passes):
             last = i == len(passes) - 1
