@@ -155,3 +155,42 @@ def test_fsdp_two_processes_match_one_process(tiny_model_dir: Path, tiny_tokeniz
     assert single.keys() == sharded.keys()
     for name in single:
         assert torch.allclose(single[name], sharded[name], atol=1e-4), name
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+                    reason="torchrun not installed")  # fmt: skip
+def test_self_replay_with_two_processes_generates_once_and_shards_the_answers(
+    tiny_model_dir: Path, tiny_tokenizer, tmp_path: Path
+) -> None:
+    """``replay: self`` under 2 processes: the main process generates (one cache file), the other rank reads
+    its cache, and the ranks replay disjoint answers."""
+    from arrtune.data.self_replay import conversations
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"Tell me about topic number {i}.\n" for i in range(24)))
+    cache = tmp_path / "cache"
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "arrtune", "train", f"model={tiny_model_dir}",
+           "method=arr", "replay=self", f"replay_prompts={prompts}", "replay_max_new_tokens=12", "max_steps=3",
+           "save_steps=3", "warmup_steps=0", "per_device_train_batch_size=2", "precision=fp32", "disable_tqdm=true",
+           f"output_dir={tmp_path / 'run'}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
+           "ARRTUNE_CACHE": str(cache)}  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    files = list((cache / "self_replay").glob("*.jsonl"))
+    assert len(files) == 1
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["self_replay_cache"] == str(files[0]) and summary["self_replay_answers"] > 2
+    rows = [json.loads(line) for line in files[0].read_text().splitlines()]
+    docs = conversations(tiny_tokenizer, rows)
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-3"
+    consumed = []
+    for rank in (0, 1):
+        state = json.loads((ckpt / f"replay_state_rank{rank}.json").read_text())
+        assert (state["rank"], state["world_size"]) == (rank, 2)
+        order = ReplayStream(
+            "self", tiny_tokenizer, rank=rank, world_size=2, seed=0, documents=docs
+        ).document_ids(0)
+        consumed.append(set(order[: state["docs_consumed"]]))
+    assert consumed[0] and consumed[1] and not consumed[0] & consumed[1]
