@@ -76,3 +76,38 @@ def test_qlora_run_trains_and_writes_an_adapter(model_dir: Path, tmp_path: Path)
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["kl"] >= 0 and r["replay_loss"] > 0 for r in records if "loss" in r)
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_reference_forward_leaves_4bit_training_forwards_intact(tmp_path: Path) -> None:
+    """On CPU, bitsandbytes repacks 4-bit weights for inference on an evaluation-mode forward, after which a
+    training forward fails (or is wrong): the reference forward must not trigger that. A model with biased
+    projections (Qwen2) under bf16 autocast: the same gradients before and after a reference forward."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "qwen")
+    model = prepare_model_for_kbit_training(
+        load_model(str(tmp_path / "qwen"), dtype=torch.bfloat16, load_in_4bit=True)
+    )
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear")).train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    ids = torch.randint(0, 256, (2, 16))
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids).logits.float().sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = grads()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference_hidden(model, ids, torch.ones_like(ids))
+    after = grads()
+    assert model.training
+    for name in before:
+        torch.testing.assert_close(after[name], before[name])

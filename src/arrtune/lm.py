@@ -71,17 +71,28 @@ def output_head(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     return apply
 
 
+@contextmanager
+def without_dropout(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` in evaluation mode (no dropout), then back in its own mode. bitsandbytes layers stay in
+    training mode: they have no dropout, and in evaluation mode on CPU bitsandbytes repacks 4-bit weights
+    into an inference-only layout that the training forwards that follow cannot use."""
+    was_training = module.training
+    module.eval()
+    for layer in module.modules():
+        if type(layer).__module__.startswith("bitsandbytes"):
+            layer.training = was_training
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
 def reference_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Final hidden states of the initial model (adapter disabled, no gradient, no dropout even while the
     model trains: the reference is the deterministic initial model): ``(B, T, H)``."""
     decoder = base_model(model).get_decoder()
-    was_training = decoder.training
-    decoder.eval()
-    try:
-        with torch.no_grad(), adapter_disabled(model):
-            return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    finally:
-        decoder.train(was_training)
+    with without_dropout(decoder), torch.no_grad(), adapter_disabled(model):
+        return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 def reference_head(

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import torch
 
-from arrtune.lm import base_model
+from arrtune.lm import base_model, without_dropout
 
 T = TypeVar("T")
 
@@ -29,15 +29,10 @@ def batched(items: Sequence[T], size: int) -> Iterator[list[T]]:
 
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
-    """``model.eval()`` + ``torch.inference_mode()``; restores the training flag afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        if was_training:
-            model.train()
+    """No dropout (:func:`arrtune.lm.without_dropout`) + ``torch.inference_mode()``; restores the training
+    flag afterwards."""
+    with without_dropout(model), torch.inference_mode():
+        yield
 
 
 def binomial_stderr(p: float, n: int) -> float:
