@@ -10,7 +10,8 @@ Trainer's own autocast) plus the AdamW step. It reports the median step time and
 as a ratio to ``sft``.
 
 Peak memory, per method in a process of its own: on GPU ``torch.cuda.max_memory_allocated``; on CPU the
-peak RSS of a one-step run with ``MALLOC_MMAP_THRESHOLD_=65536``, where every block over 64 KiB goes back to
+peak RSS of a one-step run (the peak is reset once the model is built, so loading or quantizing it does not
+count) with ``MALLOC_MMAP_THRESHOLD_=65536``, where every block over 64 KiB goes back to
 the OS when freed, so RSS tracks live memory (glibc's default keeps freed blocks and grows its heap rather
 than reuse them, which overstates what a step needs, and makes the number depend on allocation history).
 
@@ -172,7 +173,6 @@ def worker(args: argparse.Namespace) -> None:
     of this machine's speed hit all methods alike; the median per method is reported. Memory mode
     (``--memory``, one method): one step, then the peak memory.
     """
-    import resource
 
     from peft import LoraConfig, get_peft_model
 
@@ -255,17 +255,14 @@ def worker(args: argparse.Namespace) -> None:
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    reset_peak_rss()  # the peak of the steps, not of building or loading the model
     times: dict[str, list[float]] = {m: [] for m in args.methods}
     for round_ in range(args.warmup + args.steps):
         for method in args.methods:
             elapsed = step(method)
             if round_ >= args.warmup:
                 times[method].append(elapsed)
-    peak = (
-        torch.cuda.max_memory_allocated()
-        if device == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    )
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss()
     body, head = matmul_flops(model.get_base_model())
     # positions the matmuls run on: every position of a row through the body; the output layer only where a
     # loss needs it (label tokens; all positions for sft-hf, which computes full logits)
@@ -290,6 +287,25 @@ def worker(args: argparse.Namespace) -> None:
             "ref_positions": sum(b["input_ids"][:k].numel() for b, k in ref_rows) if kl else 0,
             "ref_head_positions": sum(int((b["labels"][:k, 1:] != -100).sum()) for b, k in ref_rows) if kl else 0,
         }))  # fmt: skip
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's peak resident set size (Linux: ``/proc/self/clear_refs``), where possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int:
+    """Peak resident set size in bytes since :func:`reset_peak_rss` (``VmHWM``; else ``ru_maxrss``)."""
+    import re
+    import resource
+
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def step_flops(r: dict) -> float:
