@@ -750,8 +750,10 @@ def test_ctrl_c_says_whether_and_how_to_resume(save_steps: int, tiny_model_dir: 
                                                tmp_path: Path) -> None:  # fmt: skip
     out = tmp_path / "run"
     args = train_args(tiny_model_dir, inputs, out, max_steps=100000, save_steps=save_steps, method="sft")
+    # a test run started in the background (nohup, `cmd &`) ignores SIGINT, and so would the child: restore it
     proc = subprocess.Popen([sys.executable, "-m", "arrtune", "train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 240
     while not (out / "metrics.jsonl").is_file():
         assert proc.poll() is None and time.monotonic() < deadline
