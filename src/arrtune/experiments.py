@@ -239,7 +239,7 @@ def run_grid(grid: GridConfig, progress: bool = True, debug: bool = False) -> Pa
     model_spec = specs[0].config.model
     tokenizer = load_tokenizer(model_spec)
 
-    def base_model() -> Any:
+    def load_base() -> Any:
         return load_model(
             model_spec, dtype=getattr(torch, eval_cfg.model_dtype), load_in_4bit=eval_cfg.load_in_4bit
         )
@@ -249,7 +249,7 @@ def run_grid(grid: GridConfig, progress: bool = True, debug: bool = False) -> Pa
     wanted = json.loads(json.dumps(asdict(eval_cfg)))
     if base_result is None or base_result.get("config") != wanted or "base_cache" not in base_result:
         print("[compare] base model: evaluating")
-        base_result = evaluate_single(base_model(), tokenizer, eval_cfg, progress=progress)
+        base_result = evaluate_single(load_base(), tokenizer, eval_cfg, progress=progress)
         write_eval_json(base_result, base_path)
         base_result = json.loads(base_path.read_text())
     for spec in specs:
@@ -257,7 +257,7 @@ def run_grid(grid: GridConfig, progress: bool = True, debug: bool = False) -> Pa
         if _is_finished(spec, wanted):
             continue
         print(f"[compare] {spec.name}: evaluating")
-        model = PeftModel.from_pretrained(base_model(), run_dir / "adapter")
+        model = PeftModel.from_pretrained(load_base(), run_dir / "adapter")
         result = evaluate_model_pair(model, tokenizer, eval_cfg, progress=progress, base_result=base_result)
         write_eval_json(result, run_dir / "eval.json")
     write_report(out, [s.name for s in specs])

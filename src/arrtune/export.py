@@ -21,6 +21,7 @@ interrupted export leaves nothing half-written.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -83,15 +84,15 @@ def choose_scale(peft_model: Any, tokenizer: Any, eval_cfg: Any, scales: tuple[f
         result = evaluate_model_pair(peft_model, tokenizer, cfg, progress=progress, base_result=base)
         adapted = result["adapted"]
         items[s] = result["per_item"]["adapted"]["task/exact_match"]
-        top = items[max(items)]
+        full = max(items)  # s = 1, measured first
         rows.append({"scale": s, "task_em": adapted["task/exact_match"],
                      "task_em_se": adapted.get("task/exact_match_stderr", float("nan")),
-                     "em_vs_full": sum(items[s]) / len(items[s]) - sum(top) / len(top),
-                     "em_vs_full_se": paired_stderr(top, items[s]),
+                     "em_vs_full": adapted["task/exact_match"] - rows[0]["task_em"] if rows else 0.0,
+                     "em_vs_full_se": paired_stderr(items[full], items[s]),
                      **{k: v for k, v in adapted.items() if k.startswith("drift/") and k != "drift/task"}})  # fmt: skip
     chosen = max(scales)
     for row in sorted(rows, key=lambda r: r["scale"]):
-        se = row["em_vs_full_se"] if row["em_vs_full_se"] == row["em_vs_full_se"] else 0.0
+        se = 0.0 if math.isnan(row["em_vs_full_se"]) else row["em_vs_full_se"]
         if row["em_vs_full"] >= -se:
             chosen = row["scale"]
             break
