@@ -298,6 +298,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"arrtune: interrupted; {_after_interrupt(args, argv)}", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Destroy the process group of a ``torchrun`` / ``accelerate launch`` run while the interpreter is
+    whole: left to interpreter shutdown, gloo's worker threads can free tensors after Python is gone and the
+    process aborts (SIGABRT) after a successful run."""
+    dist = sys.modules.get("torch.distributed")  # not imported: nothing to close (and torch stays unloaded)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _error(message: str) -> int:
