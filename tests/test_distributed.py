@@ -38,6 +38,13 @@ TOLERANCE = 1e-5
 N_REPLAY_DOCS = 40
 
 
+def check_exit(done: subprocess.CompletedProcess) -> None:
+    """Fail with the end of the launcher's output in full (an assertion message would be cut short)."""
+    if done.returncode != 0:
+        pytest.fail(f"exit code {done.returncode}\n--- stdout ---\n{done.stdout[-3000:]}\n--- stderr ---\n"
+                    f"{done.stderr[-8000:]}", pytrace=False)  # fmt: skip
+
+
 def equal_length_examples(tokenizer, n: int) -> list[dict[str, str]]:
     """``n`` prompt/completion rows that all tokenize to the same length and the same number of labels."""
     groups: dict[tuple[int, int], list[dict[str, str]]] = {}
@@ -80,7 +87,7 @@ def test_two_processes_match_one_process_and_shard_the_replay_stream(
            f"output_dir={two}", "per_device_train_batch_size=2"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
-    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    check_exit(done)
     assert done.stdout.count("adapter saved to") == 1  # printed by rank 0 only
 
     one = train(
@@ -143,7 +150,7 @@ def test_fsdp_two_processes_match_one_process(tiny_model_dir: Path, tiny_tokeniz
            *fsdp, f"output_dir={tmp_path / 'two'}", "per_device_train_batch_size=2"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
-    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    check_exit(done)
     one = train(load_config(config, [f"output_dir={tmp_path / 'one'}", "per_device_train_batch_size=4"]))
     a, b = per_step(one), per_step(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3]
@@ -177,7 +184,7 @@ def test_self_replay_with_two_processes_generates_once_and_shards_the_answers(
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
            "ARRTUNE_CACHE": str(cache)}  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
-    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    check_exit(done)
     files = list((cache / "self_replay").glob("*.jsonl"))
     assert len(files) == 1
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())

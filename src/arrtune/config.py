@@ -55,8 +55,8 @@ def use_bf16(precision: str) -> bool:
 PRESETS: dict[str, tuple[float, float]] = {
     "sft": (0.0, 0.0),
     "kl": (0.1, 0.0),
-    "replay": (0.0, 1.0),
-    "arr": (0.1, 1.0),
+    "replay": (0.0, 0.25),
+    "arr": (0.1, 0.25),
 }
 
 
@@ -158,7 +158,7 @@ class TrainConfig(TrainingArguments):
 
     # -- the method -----------------------------------------------------------------------------------
     method: str = _field(
-        "arr", "Preset for kl_coef and replay_ratio: sft (0, 0), kl (0.1, 0), replay (0, 1), arr (0.1, 1)."
+        "arr", "Preset for kl_coef and replay_ratio: sft (0, 0), kl (0.1, 0), replay (0, 0.25), arr (0.1, 0.25)."
     )
     kl_coef: float | None = _field(
         None, "Weight of the token-mean KL to the initial model (0 = off). Default: from method."
