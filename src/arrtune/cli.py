@@ -261,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``arrtune`` console script."""
+    code = _run(argv)
+    if _close_process_group():
+        _exit_before_teardown(code)
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value settings may follow options (export RUN --out D n_task=100): argparse leaves them over
@@ -298,17 +305,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"arrtune: interrupted; {_after_interrupt(args, argv)}", file=sys.stderr)
         return 130
-    finally:
-        _close_process_group()
 
 
-def _close_process_group() -> None:
-    """Destroy the process group of a ``torchrun`` / ``accelerate launch`` run while the interpreter is
-    whole: left to interpreter shutdown, gloo's worker threads can free tensors after Python is gone and the
-    process aborts (SIGABRT) after a successful run."""
+def _close_process_group() -> bool:
+    """Destroy the process group of a ``torchrun`` / ``accelerate launch`` worker; False when there is none."""
     dist = sys.modules.get("torch.distributed")  # not imported: nothing to close (and torch stays unloaded)
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return False
+    dist.destroy_process_group()
+    return True
+
+
+def _exit_before_teardown(code: int) -> None:
+    """End a launched worker without the interpreter's teardown: the exit handlers run (loggers, trackers),
+    then the process exits. Torn down by the interpreter, gloo's threads and the tensors they hold can be freed
+    after Python is gone, and a finished run then aborts (SIGABRT) with a non-zero exit."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _error(message: str) -> int:

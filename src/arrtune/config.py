@@ -158,7 +158,8 @@ class TrainConfig(TrainingArguments):
 
     # -- the method -----------------------------------------------------------------------------------
     method: str = _field(
-        "arr", "Preset for kl_coef and replay_ratio: sft (0, 0), kl (0.1, 0), replay (0, 0.25), arr (0.1, 0.25)."
+        "arr",
+        "Preset for kl_coef and replay_ratio: sft (0, 0), kl (0.1, 0), replay (0, 0.25), arr (0.1, 0.25).",
     )
     kl_coef: float | None = _field(
         None, "Weight of the token-mean KL to the initial model (0 = off). Default: from method."
