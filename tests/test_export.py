@@ -154,3 +154,20 @@ def test_scale_auto_needs_a_task(tmp_path: Path) -> None:
     (run / "config.yaml").write_text("model: x\ndata: mine.jsonl\n")
     assert main(["export", str(run), "--out", str(tmp_path / "o"), "--scale", "auto"]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_teacher_forced_greedy_match_is_greedy_decoding(tiny_model_dir: Path, tiny_tokenizer) -> None:
+    """``--scale auto`` scores exact match from one forward pass: a continuation has no argmax miss exactly when
+    greedy decoding writes it. Checked against ``generate`` on prompts of different lengths (batched, padded)."""
+    from arrtune.evaluation.generation import generate
+    from arrtune.evaluation.text import score_sequences
+    from arrtune.models import load_model
+
+    model = load_model(str(tiny_model_dir), dtype=torch.float32)
+    prompts = [[5, 17, 42], [9, 8, 7, 6, 5, 4], [300, 12]]
+    greedy = generate(model, tiny_tokenizer, prompts, max_new_tokens=6, batch_size=2)
+    altered = [g[:-1] + [(g[-1] + 1) % 400] for g in greedy]  # the last token is no longer the argmax
+    stats = score_sequences(model, tiny_tokenizer, [p + g for p, g in zip(prompts * 2, greedy + altered)],
+                            [len(p) for p in prompts * 2], batch_size=4)  # fmt: skip
+    assert stats.argmax_misses[:3] == [0, 0, 0]
+    assert stats.argmax_misses[3:] == [1, 1, 1]

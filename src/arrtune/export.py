@@ -6,8 +6,8 @@
 * **Adapter only** (``adapter_only=True``): the PEFT adapter, naming the upstream Hub id of a built-in base.
 * **Scale** ``s`` in [0, 1] multiplies the LoRA update by ``s`` (its ``B`` matrices; exact, since the update
   is ``B A``): interpolating between the base (0) and the fine-tune (1), as WiSE-FT does for full weights.
-  ``scale="auto"`` (:func:`choose_scale`) measures the run's held-out task exact match and the drift on
-  held-out text at s in {0.25, 0.5, 0.75, 1} and keeps the smallest s whose exact match is within one paired
+  ``scale="auto"`` (:func:`choose_scale`) measures the run's held-out task exact match (teacher-forced greedy,
+  one forward pass per item) and the drift on held-out text at s in {0.25, 0.5, 0.75, 1} and keeps the smallest s whose exact match is within one paired
   standard error of s = 1's: the least movement that keeps what the fine-tune learned.
 * **Model card** (``README.md`` with YAML front matter): the run's settings, its before/after table from
   ``eval.json`` (retention, plasticity, drift, leak, bleed, with standard errors; a run without one is
@@ -58,38 +58,67 @@ def choose_scale(peft_model: Any, tokenizer: Any, eval_cfg: Any, scales: tuple[f
                  progress: bool = False) -> tuple[float, list[dict[str, float]]]:  # fmt: skip
     """Measure the adapter at each LoRA scale and return the chosen scale and one row per scale.
 
-    Each row: ``scale``, task exact match and its standard error, the difference from s = 1 with its paired
-    standard error (same items), and the drift (token KL base || adapted) on held-out text. The rule: the
-    smallest scale whose exact match is at least s = 1's minus one paired standard error. The adapter is left
-    at the chosen scale. Needs the run's held-out task (``eval_cfg.task`` resolved)."""
+    Each row: ``scale``; the task exact match (teacher-forced greedy: the reference response, end-of-turn marker
+    included, is the model's most likely next token at every position, i.e. greedy decoding would write it
+    token for token; one forward pass per item instead of a generation) with its standard error; the
+    difference from s = 1 with its paired standard error (same items); and the drift (token KL base ||
+    adapted) on held-out text. The rule: the smallest scale whose exact match is at least s = 1's minus one
+    paired standard error. The adapter is left at the chosen scale. Needs the run's held-out task
+    (``eval_cfg.task`` resolved)."""
     from dataclasses import replace
 
-    from arrtune.evaluation import evaluate_model_pair, evaluate_single
-    from arrtune.evaluation._common import paired_stderr
+    from arrtune.evaluation._common import binomial_stderr, paired_stderr
+    from arrtune.evaluation.generation import eos_token_ids
+    from arrtune.evaluation.runner import load_task, text_sets
+    from arrtune.evaluation.text import score_sequences, text_metrics
     from arrtune.lm import adapter_disabled
 
     if not eval_cfg.task:
         raise ArrtuneError(
             "--scale auto: the run has no held-out task to measure (set task_eval in its config)"
         )
-    cfg = replace(eval_cfg, benchmarks=[], n_questions=0, n_examples=0, n_text=AUTO_TEXT_PASSAGES)
-    with adapter_disabled(peft_model):
-        base = evaluate_single(peft_model, tokenizer, cfg, progress=progress)
+    cfg = replace(eval_cfg, n_text=AUTO_TEXT_PASSAGES)
+    examples, _ = load_task(cfg, tokenizer)
+    if not examples:
+        raise ArrtuneError("--scale auto: no held-out task examples to measure (n_task must be > 0)")
+    stop = set(eos_token_ids(peft_model, tokenizer))
+    # each reference answer up to and including its first end-of-turn token: where greedy decoding stops
+    answers = [e.response_ids[: next((k + 1 for k, t in enumerate(e.response_ids) if t in stop),
+                                     len(e.response_ids))] for e in examples]  # fmt: skip
+    texts = text_sets(cfg)
+
+    def base_context() -> Any:
+        return adapter_disabled(peft_model)
+
     rows: list[dict[str, float]] = []
     items: dict[float, list[int]] = {}
     current = 1.0
-    for s in sorted(scales, reverse=True):
+    for s in sorted(scales, reverse=True):  # s = 1 first: the reference of the paired differences
         scale_lora(peft_model, s / current)
         current = s
-        result = evaluate_model_pair(peft_model, tokenizer, cfg, progress=progress, base_result=base)
-        adapted = result["adapted"]
-        items[s] = result["per_item"]["adapted"]["task/exact_match"]
-        full = max(items)  # s = 1, measured first
-        rows.append({"scale": s, "task_em": adapted["task/exact_match"],
-                     "task_em_se": adapted.get("task/exact_match_stderr", float("nan")),
-                     "em_vs_full": adapted["task/exact_match"] - rows[0]["task_em"] if rows else 0.0,
-                     "em_vs_full_se": paired_stderr(items[full], items[s]),
-                     **{k: v for k, v in adapted.items() if k.startswith("drift/") and k != "drift/task"}})  # fmt: skip
+        stats = score_sequences(
+            peft_model, tokenizer, [e.prompt_ids + a for e, a in zip(examples, answers)],
+            [len(e.prompt_ids) for e in examples], cfg.batch_size, kl=False, desc=f"scale {s:g}/task",
+        )  # fmt: skip
+        items[s] = [int(m == 0) for m in stats.argmax_misses or []]
+        em = sum(items[s]) / len(items[s])
+        drift = {
+            f"drift/{name}": text_metrics(
+                peft_model,
+                tokenizer,
+                passages,
+                cfg.max_text_tokens,
+                cfg.batch_size,
+                base_context,
+                progress,
+                desc=f"scale {s:g}/{name}",
+            ).drift  # fmt: skip
+            for name, passages in texts.items()
+        }
+        full = items[max(items)]
+        rows.append({"scale": s, "task_em": em, "task_em_se": binomial_stderr(em, len(items[s])),
+                     "em_vs_full": em - sum(full) / len(full), "em_vs_full_se": paired_stderr(full, items[s]),
+                     **drift})  # fmt: skip
     chosen = max(scales)
     for row in sorted(rows, key=lambda r: r["scale"]):
         se = 0.0 if math.isnan(row["em_vs_full_se"]) else row["em_vs_full_se"]

@@ -210,7 +210,8 @@ def load_eval_config(path: str | Path) -> EvalConfig:
 # --------------------------------------------------------------------------------------------- data
 
 
-def _text_sets(cfg: EvalConfig) -> dict[str, list[str]]:
+def text_sets(cfg: EvalConfig) -> dict[str, list[str]]:
+    """The held-out text passages of the drift and perplexity measures, ``cfg.n_text`` per set."""
     from arrtune.data.corpora import heldout_book_texts, heldout_wiki_texts
 
     if cfg.n_text <= 0:
@@ -381,7 +382,7 @@ class _Evaluation:
         """Perplexity, bits per byte and drift on held-out text (both models from one pass in pair mode; the
         base forward is needed for drift, so a cache does not skip it)."""
         cfg, t0 = self.cfg, time.perf_counter()
-        for set_name, texts in _text_sets(cfg).items():
+        for set_name, texts in text_sets(cfg).items():
             r = text_metrics(self.model, self.tokenizer, texts, cfg.max_text_tokens, cfg.batch_size, self.base_ctx,
                              self.progress, desc=f"text/{set_name}")  # fmt: skip
             if self.pair:

@@ -31,12 +31,14 @@ HEAD_CHUNK = 512  # positions per output-head chunk
 @dataclass
 class SequenceStats:
     """Per-sequence sums over the scored tokens: NLL of the model, NLL of the base model and KL(base || model)
-    (both None without a base context), and the number of scored tokens."""
+    (both None without a base context), the number of scored tokens, and how many of them are not the model's
+    most likely next token (0: greedy decoding reproduces the sequence, given its first ``start`` tokens)."""
 
     nll: list[float]
     n_tokens: list[int]
     nll_base: list[float] | None = None
     kl: list[float] | None = None
+    argmax_misses: list[int] | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -75,6 +77,7 @@ def score_sequences(
     nll = torch.zeros(n, dtype=torch.float64)
     nll_base = torch.zeros(n, dtype=torch.float64)
     kl_sum = torch.zeros(n, dtype=torch.float64)
+    misses = torch.zeros(n, dtype=torch.long)
     order = sorted(range(n), key=lambda i: -len(sequences[i]))
     with eval_mode(model), tqdm(total=n, desc=desc, disable=not progress, leave=False) as bar:
         for batch in batched(order, batch_size):
@@ -103,6 +106,7 @@ def score_sequences(
                 logp = torch.log_softmax(parts.logits(hidden[s]).cpu(), dim=-1)
                 tgt = targets_t[s, None]
                 nll.index_add_(0, owner_t[s], -logp.gather(1, tgt)[:, 0].double())
+                misses.index_add_(0, owner_t[s], (logp.argmax(-1) != targets_t[s]).long())
                 if hidden_base is not None:
                     with base_context():
                         logp_base = torch.log_softmax(parts.logits(hidden_base[s]).cpu(), dim=-1)
@@ -117,6 +121,7 @@ def score_sequences(
         n_tokens=[len(q) - s for q, s in zip(sequences, starts)],
         nll_base=nll_base.tolist() if with_base else None,
         kl=kl_sum.tolist() if with_base and kl else None,
+        argmax_misses=misses.tolist(),
     )
 
 
