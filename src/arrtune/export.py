@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -233,10 +234,13 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, adapter_only:
         evaluation = json.loads((run / "eval.json").read_text())
     scale_table = None
     if scale == "auto":
+        started = time.perf_counter()
         scale, rows = choose_scale(model, tokenizer, eval_cfg, progress=progress)
         scale_table = format_scale_table(rows, scale)
         print(scale_table)
-        print(f"[export] scale {scale:g} chosen")
+        print(
+            f"[export] scale {scale:g} chosen ({len(rows)} scales measured in {time.perf_counter() - started:.1f} s)"
+        )
     else:
         scale_lora(model, float(scale))
     out.parent.mkdir(parents=True, exist_ok=True)
