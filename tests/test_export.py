@@ -171,3 +171,30 @@ def test_teacher_forced_greedy_match_is_greedy_decoding(tiny_model_dir: Path, ti
                             [len(p) for p in prompts * 2], batch_size=4)  # fmt: skip
     assert stats.argmax_misses[:3] == [0, 0, 0]
     assert stats.argmax_misses[3:] == [1, 1, 1]
+
+
+def test_lora_scale_goes_back_up_to_the_trained_update(tiny_model_dir: Path, run_dir: Path) -> None:
+    """``--scale auto`` measures 1, 0.75, 0.5, 0.25 and then keeps any of them, 1 included: setting a larger
+    scale after a smaller one must restore the trained update exactly (a relative rescale would need s > 1)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from arrtune.export import LoraScale
+
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir / "adapter"
+    )
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    lora_scale = LoraScale(model)
+    for s in (1.0, 0.75, 0.5, 0.25, 1.0, 0.5):
+        lora_scale.set(s)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(param, trained[name] * (0.5 if "lora_B" in name else 1.0))
+    with torch.no_grad():
+        got = model.eval()(input_ids=torch.tensor(IDS)).logits[0]
+    torch.testing.assert_close(got, peft_logits(tiny_model_dir, run_dir, scale=0.5))
+    lora_scale.set(1.0)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(param, trained[name])

@@ -41,18 +41,36 @@ AUTO_SCALES = (1.0, 0.75, 0.5, 0.25)
 AUTO_TEXT_PASSAGES = 10
 
 
+def _lora_b_matrices(peft_model: Any) -> dict[str, torch.nn.Parameter]:
+    return {
+        name: p for name, p in peft_model.named_parameters() if "lora_B" in name or "lora_embedding_B" in name
+    }
+
+
 def scale_lora(peft_model: Any, scale: float) -> int:
     """Multiply every LoRA ``B`` matrix of ``peft_model`` by ``scale`` (the update ``B A`` by ``scale``);
     returns the number of matrices scaled."""
     if not 0 <= scale <= 1:
         raise ArrtuneError(f"--scale {scale}: must be in [0, 1]")
-    n = 0
+    matrices = _lora_b_matrices(peft_model)
     with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name or "lora_embedding_B" in name:
-                param.mul_(scale)
-                n += 1
-    return n
+        for param in matrices.values():
+            param.mul_(scale)
+    return len(matrices)
+
+
+class LoraScale:
+    """Set the LoRA update of ``peft_model`` to ``s`` times the trained one, for any sequence of ``s`` (each
+    from the trained ``B`` matrices kept at construction, so scales neither compound nor drift)."""
+
+    def __init__(self, peft_model: Any) -> None:
+        self.matrices = _lora_b_matrices(peft_model)
+        self.trained = {name: p.detach().clone() for name, p in self.matrices.items()}
+
+    def set(self, scale: float) -> None:
+        with torch.no_grad():
+            for name, param in self.matrices.items():
+                param.copy_(self.trained[name] * scale)
 
 
 def choose_scale(peft_model: Any, tokenizer: Any, eval_cfg: Any, scales: tuple[float, ...] = AUTO_SCALES,
@@ -93,10 +111,9 @@ def choose_scale(peft_model: Any, tokenizer: Any, eval_cfg: Any, scales: tuple[f
 
     rows: list[dict[str, float]] = []
     items: dict[float, list[int]] = {}
-    current = 1.0
+    lora_scale = LoraScale(peft_model)
     for s in sorted(scales, reverse=True):  # s = 1 first: the reference of the paired differences
-        scale_lora(peft_model, s / current)
-        current = s
+        lora_scale.set(s)
         stats = score_sequences(
             peft_model, tokenizer, [e.prompt_ids + a for e, a in zip(examples, answers)],
             [len(e.prompt_ids) for e in examples], cfg.batch_size, kl=False, desc=f"scale {s:g}/task",
@@ -126,7 +143,7 @@ def choose_scale(peft_model: Any, tokenizer: Any, eval_cfg: Any, scales: tuple[f
         if row["em_vs_full"] >= -se:
             chosen = row["scale"]
             break
-    scale_lora(peft_model, chosen / current)
+    lora_scale.set(chosen)
     return chosen, sorted(rows, key=lambda r: r["scale"])
 
 
