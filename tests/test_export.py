@@ -129,12 +129,16 @@ def test_scale_auto_follows_its_rule_and_an_unevaluated_run_is_evaluated_first(
         for line in printed.splitlines()
         if line.startswith("| 0.") or line.startswith("| 1")
     ]
-    assert [float(r[0].split()[0]) for r in rows] == [0.25, 0.5, 0.75, 1.0]
+    scales = [float(r[0].split()[0]) for r in rows]
+    chosen = next(float(r[0].split()[0]) for r in rows if "chosen" in r[0])
+    # measured: the full adapter, then from the smallest scale up to the first that passes
+    assert scales == sorted({*(s for s in (0.25, 0.5, 0.75) if s <= chosen), 1.0})
     # the rule: the smallest scale whose EM difference to s = 1 is >= minus its paired standard error
     diffs = [tuple(float(x) for x in r[2].split("±")) for r in rows]
     expected = next(float(r[0].split()[0]) for r, (d, se) in zip(rows, diffs) if d >= -se)
-    chosen = next(float(r[0].split()[0]) for r in rows if "chosen" in r[0])
     assert chosen == expected
+    # the drift at the kept and the full scale
+    assert all((r[3].strip() != "–") == (s in (chosen, 1.0)) for r, s in zip(rows, scales))
     card = (out / "README.md").read_text()
     assert f"scaled by **{chosen:g}**" in card and "## Adapter scale" in card
     got, want = (

@@ -6,9 +6,9 @@
 * **Adapter only** (``adapter_only=True``): the PEFT adapter, naming the upstream Hub id of a built-in base.
 * **Scale** ``s`` in [0, 1] multiplies the LoRA update by ``s`` (its ``B`` matrices; exact, since the update
   is ``B A``): interpolating between the base (0) and the fine-tune (1), as WiSE-FT does for full weights.
-  ``scale="auto"`` (:func:`choose_scale`) measures the run's held-out task exact match (teacher-forced greedy,
-  one forward pass per item) and the drift on held-out text at s in {0.25, 0.5, 0.75, 1} and keeps the smallest s whose exact match is within one paired
-  standard error of s = 1's: the least movement that keeps what the fine-tune learned.
+  ``scale="auto"`` (:func:`choose_scale`) keeps the smallest s in {0.25, 0.5, 0.75, 1} whose held-out task
+  exact match (teacher-forced greedy, one forward pass per item) is within one paired standard error of s = 1's:
+  the least movement that keeps what the fine-tune learned; it reports the drift on held-out text at that s.
 * **Model card** (``README.md`` with YAML front matter): the run's settings, its before/after table from
   ``eval.json`` (retention, plasticity, drift, leak, bleed, with standard errors; a run without one is
   evaluated first, with the default eval settings, unless ``evaluate=False``), two answers to general
@@ -75,15 +75,16 @@ class LoraScale:
 
 def choose_scale(peft_model: Any, tokenizer: Any, eval_cfg: Any, scales: tuple[float, ...] = AUTO_SCALES,
                  progress: bool = False) -> tuple[float, list[dict[str, float]]]:  # fmt: skip
-    """Measure the adapter at each LoRA scale and return the chosen scale and one row per scale.
+    """Choose the LoRA scale: the smallest whose task exact match is at least the full adapter's minus one paired
+    standard error. Returns the chosen scale and one row per measured scale; leaves the adapter at that scale.
 
-    Each row: ``scale``; the task exact match (teacher-forced greedy: the reference response, end-of-turn marker
-    included, is the model's most likely next token at every position, i.e. greedy decoding would write it
-    token for token; one forward pass per item instead of a generation) with its standard error; the
-    difference from s = 1 with its paired standard error (same items); and the drift (token KL base ||
-    adapted) on held-out text. The rule: the smallest scale whose exact match is at least s = 1's minus one
-    paired standard error. The adapter is left at the chosen scale. Needs the run's held-out task
-    (``eval_cfg.task`` resolved)."""
+    Exact match here is teacher-forced greedy: the reference response, up to its end-of-turn token, is the
+    model's most likely next token at every position, i.e. greedy decoding would write it token for token (one
+    forward pass per item instead of a generation). The full adapter is measured first, then the smaller scales
+    from the smallest up, stopping at the first that passes. Each row: ``scale``, exact match and its standard
+    error, the difference from the full adapter with its paired standard error (same items); the rows of the
+    chosen and the full adapter also carry the drift (token KL base || adapted) on held-out text. Needs the
+    run's held-out task (``eval_cfg.task`` resolved)."""
     from dataclasses import replace
 
     from arrtune.evaluation._common import binomial_stderr, paired_stderr
@@ -104,47 +105,40 @@ def choose_scale(peft_model: Any, tokenizer: Any, eval_cfg: Any, scales: tuple[f
     # each reference answer up to and including its first end-of-turn token: where greedy decoding stops
     answers = [e.response_ids[: next((k + 1 for k, t in enumerate(e.response_ids) if t in stop),
                                      len(e.response_ids))] for e in examples]  # fmt: skip
-    texts = text_sets(cfg)
-
-    def base_context() -> Any:
-        return adapter_disabled(peft_model)
-
-    rows: list[dict[str, float]] = []
-    items: dict[float, list[int]] = {}
+    sequences = [e.prompt_ids + a for e, a in zip(examples, answers)]
+    starts = [len(e.prompt_ids) for e in examples]
     lora_scale = LoraScale(peft_model)
-    for s in sorted(scales, reverse=True):  # s = 1 first: the reference of the paired differences
-        lora_scale.set(s)
-        stats = score_sequences(
-            peft_model, tokenizer, [e.prompt_ids + a for e, a in zip(examples, answers)],
-            [len(e.prompt_ids) for e in examples], cfg.batch_size, kl=False, desc=f"scale {s:g}/task",
-        )  # fmt: skip
-        items[s] = [int(m == 0) for m in stats.argmax_misses or []]
-        em = sum(items[s]) / len(items[s])
-        drift = {
-            f"drift/{name}": text_metrics(
-                peft_model,
-                tokenizer,
-                passages,
-                cfg.max_text_tokens,
-                cfg.batch_size,
-                base_context,
-                progress,
-                desc=f"scale {s:g}/{name}",
-            ).drift  # fmt: skip
-            for name, passages in texts.items()
-        }
-        full = items[max(items)]
-        rows.append({"scale": s, "task_em": em, "task_em_se": binomial_stderr(em, len(items[s])),
-                     "em_vs_full": em - sum(full) / len(full), "em_vs_full_se": paired_stderr(full, items[s]),
-                     **drift})  # fmt: skip
-    chosen = max(scales)
-    for row in sorted(rows, key=lambda r: r["scale"]):
-        se = 0.0 if math.isnan(row["em_vs_full_se"]) else row["em_vs_full_se"]
-        if row["em_vs_full"] >= -se:
-            chosen = row["scale"]
+
+    def exact_match(scale: float) -> list[int]:
+        lora_scale.set(scale)
+        stats = score_sequences(peft_model, tokenizer, sequences, starts, cfg.batch_size, kl=False,
+                                progress=progress, desc=f"scale {scale:g}/task")  # fmt: skip
+        return [int(m == 0) for m in stats.argmax_misses or []]
+
+    def row(scale: float, correct: list[int], full: list[int]) -> dict[str, float]:
+        em, full_em = sum(correct) / len(correct), sum(full) / len(full)
+        return {"scale": scale, "task_em": em, "task_em_se": binomial_stderr(em, len(correct)),
+                "em_vs_full": em - full_em, "em_vs_full_se": paired_stderr(full, correct)}  # fmt: skip
+
+    full_scale = max(scales)
+    full = exact_match(full_scale)
+    rows = {full_scale: row(full_scale, full, full)}
+    chosen = full_scale
+    for s in sorted(x for x in scales if x != full_scale):
+        rows[s] = row(s, exact_match(s), full)
+        se = 0.0 if math.isnan(rows[s]["em_vs_full_se"]) else rows[s]["em_vs_full_se"]
+        if rows[s]["em_vs_full"] >= -se:
+            chosen = s
             break
+    for s in sorted({chosen, full_scale}):
+        lora_scale.set(s)
+        for name, passages in text_sets(cfg).items():
+            rows[s][f"drift/{name}"] = text_metrics(
+                peft_model, tokenizer, passages, cfg.max_text_tokens, cfg.batch_size,
+                lambda: adapter_disabled(peft_model), progress, desc=f"scale {s:g}/{name}",
+            ).drift  # fmt: skip
     lora_scale.set(chosen)
-    return chosen, sorted(rows, key=lambda r: r["scale"])
+    return chosen, [rows[s] for s in sorted(rows)]
 
 
 def format_scale_table(rows: list[dict[str, float]], chosen: float) -> str:
@@ -155,7 +149,7 @@ def format_scale_table(rows: list[dict[str, float]], chosen: float) -> str:
     for r in rows:
         mark = " (chosen)" if r["scale"] == chosen else ""
         cells = [f"{r['scale']:g}{mark}", f"{r['task_em']:.2f} ± {r['task_em_se']:.2f}",
-                 f"{r['em_vs_full']:+.2f} ± {r['em_vs_full_se']:.2f}", *[f"{r[k]:.4f}" for k in drift_keys]]  # fmt: skip
+                 f"{r['em_vs_full']:+.2f} ± {r['em_vs_full_se']:.2f}", *[f"{r[k]:.4f}" if k in r else "–" for k in drift_keys]]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -209,9 +203,10 @@ def model_card(config: dict[str, Any], evaluation: dict[str, Any] | None, scale:
                 lines += [f"- *{e['question']}*", f"  - base: {e['base']}", f"  - adapted: {e['adapted']}"]
     if scale_table:
         lines += ["", "## Adapter scale", "",
-                  "The LoRA update was measured at several scales (task exact match on the held-out task, drift "
-                  "on held-out text); the smallest scale whose exact match is within one paired standard error "
-                  "of the full adapter's was kept.", "", scale_table]  # fmt: skip
+                  "The LoRA update was measured at several scales (exact match of greedy answers on the held-out "
+                  "task, smallest scale first); the smallest scale whose exact match is within one paired standard "
+                  "error of the full adapter's was kept. Drift (KL base ‖ adapted on held-out text) at the kept "
+                  "and the full scale.", "", scale_table]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
