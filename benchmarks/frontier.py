@@ -9,12 +9,13 @@ loss needs it, and the reference's no-grad forward (2 FLOPs per parameter and po
 carry the KL, the same accounting as ``benchmarks/overhead.py``'s FLOP floor, on the grid's own data and
 batch size. ``kl_coef`` does not change the cost.
 
-The rule for the default: among the ARR settings with corpus replay, the cheapest one whose retention (books
+The rule for the default: among the ARR settings with corpus replay and at least two seeds, the cheapest one whose retention (books
 drift and chat KL) is within one standard error of the best setting's, and whose task exact match is within
-one paired standard error (seeds x items, same seeds) of plain SFT's. Standard errors of retention come from
+one paired standard error (seeds x items, same seeds) of plain SFT's; when no setting's is, within one paired
+standard error of the setting with the highest exact match. Standard errors of retention come from
 the spread over seeds: ``sqrt(sd_a^2 / n_a + sd_b^2 / n_b)``.
 
-    python benchmarks/frontier.py runs/study_vornish --plot docs/study/vornish/frontier.png
+    python benchmarks/frontier.py runs/study_vornish runs/study --plot docs/study/evidence_vornish/frontier.png
 """
 
 from __future__ import annotations
@@ -32,14 +33,27 @@ RETENTION = ("drift/books", "drift/chat")
 SHOWN = ("task/exact_match", "drift/books", "drift/wiki", "drift/chat", "leak", "bleed", "mc/mean_acc")
 
 
-def load_groups(directory: Path) -> dict[str, dict]:
-    """Setting name -> {"config": resolved config of its first seed, "runs": {seed: eval.json}}."""
+#: what makes two runs the same setting (whatever their names in the grids)
+SETTING_KEYS = ("method", "replay_ratio", "kl_coef", "kl_on", "kl_fraction", "kl_every", "replay", "replay_mix",
+                "drift_budget", "learning_rate", "max_steps")  # fmt: skip
+
+
+def load_groups(directories: list[Path]) -> dict[str, dict]:
+    """Setting name -> {"config": resolved config of its first seed, "runs": {seed: eval.json}}, over one or more
+    compare directories. Runs of the same setting (``SETTING_KEYS``) form one group under the first name seen,
+    wherever they come from; a name already taken by another setting gets its replay_ratio and kl_coef appended."""
     groups: dict[str, dict] = {}
-    for path in sorted(directory.glob("runs/*/eval.json")):
-        name = re.sub(r"-seed=\d+$", "", path.parent.name)
-        config = yaml.safe_load((path.parent / "config.yaml").read_text())
-        group = groups.setdefault(name, {"config": config, "runs": {}})
-        group["runs"][int(config.get("seed", 0))] = json.loads(path.read_text())
+    by_setting: dict[tuple, str] = {}
+    for directory in directories:
+        for path in sorted(directory.glob("runs/*/eval.json")):
+            config = yaml.safe_load((path.parent / "config.yaml").read_text())
+            setting = tuple(str(config.get(k)) for k in SETTING_KEYS)
+            name = by_setting.get(setting) or re.sub(r"-seed=\d+$", "", path.parent.name)
+            if name in groups and by_setting.get(setting) != name:
+                name = f"{name} (rr {config.get('replay_ratio'):g}, kl {config.get('kl_coef'):g})"
+            by_setting[setting] = name
+            group = groups.setdefault(name, {"config": config, "runs": {}})
+            group["runs"][int(config.get("seed", 0))] = json.loads(path.read_text())
     return groups
 
 
@@ -135,11 +149,18 @@ def paired_em_se(groups: dict[str, dict], a: str, b: str) -> tuple[float, float]
 
 def choose(groups: dict[str, dict], rows: dict[str, dict], sft: str = "sft") -> tuple[str | None, list[str]]:
     """The default by the rule in the module docstring, and one line of reasoning per candidate."""
-    candidates = [n for n, g in groups.items() if g["config"].get("method") == "arr"
+    candidates = [n for n, g in groups.items() if g["config"].get("method") == "arr" and len(g["runs"]) > 1
                   and float(g["config"].get("replay_mix") or 0) == 0 and g["config"].get("replay") == "builtin"
                   and not g["config"].get("drift_budget")]  # fmt: skip
     best = {k: min(candidates, key=lambda n: rows[n][k]) for k in RETENTION}
-    notes, eligible = [], []
+    # plasticity: within one paired standard error of plain SFT's exact match; when no candidate is, of the
+    # candidate with the highest exact match
+    near_sft = [n for n in candidates if (lambda d, se: d >= -se)(*paired_em_se(groups, sft, n))]
+    em_ref = sft if near_sft else max(candidates, key=lambda n: rows[n]["task/exact_match"])
+    notes, eligible = (
+        [] if near_sft else [f"no candidate within one SE of {sft}'s EM: EM compared with {em_ref}"],
+        [],
+    )
     for name in sorted(candidates, key=lambda n: rows[n]["cost"]):
         ok, why = True, []
         for key in RETENTION:
@@ -151,10 +172,10 @@ def choose(groups: dict[str, dict], rows: dict[str, dict], sft: str = "sft") -> 
             ok &= within
             why.append(f"{key} {rows[name][key]:.3f} vs best {rows[b][key]:.3f} ({b}) ± {se:.3f}: "
                        f"{'within' if within else 'beyond'}")  # fmt: skip
-        diff, se = paired_em_se(groups, sft, name)
+        diff, se = paired_em_se(groups, em_ref, name) if name != em_ref else (0.0, 0.0)
         within = diff >= -se
         ok &= within
-        why.append(f"EM − sft {diff:+.3f} ± {se:.3f}: {'within' if within else 'beyond'}")
+        why.append(f"EM − {em_ref} {diff:+.3f} ± {se:.3f}: {'within' if within else 'beyond'}")
         notes.append(
             f"{name} (cost {rows[name]['cost']:.2f}× sft): " + "; ".join(why) + (" -> eligible" if ok else "")
         )
@@ -165,11 +186,13 @@ def choose(groups: dict[str, dict], rows: dict[str, dict], sft: str = "sft") -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("directory", help="an arrtune compare output directory")
+    parser.add_argument(
+        "directory", nargs="+", help="arrtune compare output directories (same task and model)"
+    )
     parser.add_argument("--plot", help="write the frontier plot here (PNG)")
     parser.add_argument("--json", help="write the per-setting summary here")
     args = parser.parse_args()
-    groups = load_groups(Path(args.directory))
+    groups = load_groups([Path(d) for d in args.directory])
     first = next(iter(groups.values()))["config"]
     stats = token_stats(first)
     body, head = parameter_counts(first)
