@@ -18,7 +18,7 @@ BUDGET = 0.005  # nats per replay token; with these settings a fixed kl_coef of 
 
 
 def _args(model: Path, out: Path, coef: float, steps: int, **extra: object) -> list[str]:
-    values = {"model": model, "output_dir": out, "method": "arr", "kl_coef": coef, "drift_budget": BUDGET,
+    values = {"model": model, "output_dir": out, "method": "arr", "replay_ratio": 1, "kl_coef": coef, "drift_budget": BUDGET,
               "max_steps": steps, "warmup_steps": 0, "per_device_train_batch_size": 4, "learning_rate": 0.01,
               "precision": "fp32", "disable_tqdm": True, **extra}  # fmt: skip
     return [f"{k}={v}" for k, v in values.items()]

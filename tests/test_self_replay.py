@@ -92,7 +92,7 @@ def test_mixed_replay_takes_each_stream_by_token_share(tiny_tokenizer, tmp_path:
 
 def _args(model_dir: Path, out: Path, **extra: object) -> list[str]:
     values: dict[str, object] = {
-        "model": model_dir, "output_dir": out, "method": "arr", "replay": "self", "max_steps": 4,
+        "model": model_dir, "output_dir": out, "method": "arr", "replay_ratio": 1, "replay": "self", "max_steps": 4,
         "warmup_steps": 0, "per_device_train_batch_size": 2, "learning_rate": 0.01, "precision": "fp32",
         "replay_max_new_tokens": 8, "disable_tqdm": True,
     }  # fmt: skip
