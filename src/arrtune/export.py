@@ -130,9 +130,10 @@ def choose_scale(peft_model: Any, tokenizer: Any, eval_cfg: Any, scales: tuple[f
         if rows[s]["em_vs_full"] >= -se:
             chosen = s
             break
+    passages_by_set = text_sets(cfg)
     for s in sorted({chosen, full_scale}):
         lora_scale.set(s)
-        for name, passages in text_sets(cfg).items():
+        for name, passages in passages_by_set.items():
             rows[s][f"drift/{name}"] = text_metrics(
                 peft_model, tokenizer, passages, cfg.max_text_tokens, cfg.batch_size,
                 lambda: adapter_disabled(peft_model), progress, desc=f"scale {s:g}/{name}",
