@@ -30,13 +30,31 @@ def _records(run: Path) -> list[dict]:
 
 def test_controller_rule() -> None:
     ctl = KLController(coef=1.0, budget=0.1)
-    ctl.update(0.2)  # twice the budget: up by e^(0.3 log 2)
-    assert ctl.smoothed == 0.2 and ctl.coef == pytest.approx(2**0.3)
-    ctl.update(0.05)
-    assert ctl.smoothed == pytest.approx(0.75 * 0.2 + 0.25 * 0.05)
+    ctl.update(0.0)  # the adapter has not moved yet: no information, nothing changes
+    assert ctl.smoothed is None and ctl.coef == 1.0
+    ctl.update(0.2)  # twice the budget: the integral up by e^(0.3 log 2), the coefficient by e^(1.3 log 2)
+    assert ctl.smoothed == 0.2 and ctl.integral == pytest.approx(2**0.3) and ctl.coef == pytest.approx(2**1.3)
+    ctl.update(0.05)  # falling: the forecast 4 steps ahead is below the smoothed KL
+    smoothed = 0.75 * 0.2 + 0.25 * 0.05
+    assert ctl.smoothed == pytest.approx(smoothed)
+    assert ctl.forecast == pytest.approx(smoothed * (smoothed / 0.2) ** 4)
+    assert ctl.integral == pytest.approx(2**0.3 * (ctl.forecast / 0.1) ** 0.3)
+    assert ctl.coef == pytest.approx(ctl.integral * ctl.forecast / 0.1)
+
+    rising = KLController(coef=1.0, budget=0.1)
+    for kl in (0.001, 0.0011, 0.0013):  # far below the budget, but rising: the coefficient is held
+        rising.update(kl)
+    assert rising.coef == 1.0 and rising.growth > 0
+    kl = 0.002
+    while rising.forecast < 0.1:  # doubling every step: the forecast crosses the budget first
+        kl *= 2
+        rising.update(kl)
+    assert rising.smoothed < 0.1 and rising.coef > 1.0  # raised before the KL reaches the budget
+
+    idle = KLController(coef=1.0, budget=0.1)
     for _ in range(200):
-        ctl.update(0.0)  # no drift at all: the coefficient falls, but not below 1e-4 x its start
-    assert ctl.coef == pytest.approx(1e-4)
+        idle.update(1e-6)  # no drift at all: the coefficient falls, but not below 1e-4 x its start
+    assert idle.coef == pytest.approx(1e-4)
 
 
 @pytest.mark.parametrize("start", [0.3, 3000.0])  # 100x below and above the coefficient that holds the budget

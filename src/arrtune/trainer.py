@@ -56,33 +56,53 @@ class KLController:
     After every optimizer step whose KL was measured, with ``kl`` the step's KL averaged over its micro-batches
     and all ranks (the same value on every rank):
 
-        smoothed <- kl                                     (first measurement)
-        smoothed <- (1 - ema) * smoothed + ema * kl        (afterwards)
-        log(coef) <- log(coef) + rate * clip(log(smoothed / budget), -1, 1)
+        smoothed  <- (1 - ema) * smoothed + ema * kl                 (the first nonzero measurement: kl)
+        growth    <- (1 - ema) * growth + ema * clip(log(smoothed / previous smoothed), -log 2, log 2)
+        forecast  <- smoothed * exp(horizon * growth)               (the KL ``horizon`` steps ahead)
+        error     <- clip(log(forecast / budget), -2, 2); 0 if < 0 while the KL grows (or growth unknown)
+        log(integral) <- log(integral) + rate * error         (starts at the starting coefficient)
+        log(coef) <- log(integral) + gain * error
 
-    The step is multiplicative and symmetric (a KL twice the budget raises the coefficient as much as half
-    the budget lowers it), at most x e^rate per step (1.11 at rate 0.1), so a coefficient 100x off is
-    corrected in about 50 steps; the clip keeps one noisy step from swinging it; the moving average (time
-    constant 1 / ema = 4 steps) filters the per-batch noise of the KL. It is PPO's adaptive-KL rule
-    (Ziegler et al. 2019) in log space with a smoothed KL. The coefficient is kept within 1e-4..1e4 x its
-    starting value: under gradient clipping and Adam, a coefficient far beyond the point where the KL's
-    gradient dominates changes nothing, and would only wind up.
+    The step is multiplicative and symmetric in log space (PPO's adaptive-KL rule, Ziegler et al. 2019, on
+    a forecast): at most x e^rate per step, so a coefficient 100x off is corrected in about 15 steps. Two
+    additions make it hold a budget in short runs, where the drift has momentum (Adam's moments, the drift
+    already accumulated) and is slow to undo: it acts on the KL forecast ``horizon`` steps ahead from its
+    smoothed growth rate (so it raises the coefficient while a fast-rising KL is still below the budget), and
+    it never lowers the coefficient while the KL is growing (anti-windup: at the start of a run the adapter
+    is zero and the KL is near 0 whatever the coefficient, which says nothing about the coefficient the
+    budget needs). The coefficient is kept within 1e-4..1e4 x its starting value.
     """
 
     coef: float
     budget: float
     rate: float = 0.3
+    gain: float = 1.0
     ema: float = 0.25
+    horizon: float = 4.0
+    integral: float | None = None
     smoothed: float | None = None
+    growth: float | None = None
+    forecast: float | None = None
     start: float | None = None
 
     def update(self, kl: float) -> None:
         """One step of the controller with the step's measured (global) KL."""
         self.start = self.coef if self.start is None else self.start
-        self.smoothed = kl if self.smoothed is None else (1 - self.ema) * self.smoothed + self.ema * kl
-        error = max(-1.0, min(1.0, math.log(max(self.smoothed, 1e-12) / self.budget)))
-        coef = self.coef * math.exp(self.rate * error)
-        self.coef = min(max(coef, self.start * 1e-4), self.start * 1e4)
+        previous = self.smoothed
+        if previous is None and kl <= 0:
+            return  # the adapter has not moved yet (LoRA starts at zero): no information
+        self.smoothed = kl if previous is None else (1 - self.ema) * previous + self.ema * kl
+        if previous is not None and previous > 0 and self.smoothed > 0:
+            step = max(-math.log(2), min(math.log(2), math.log(self.smoothed / previous)))
+            self.growth = step if self.growth is None else (1 - self.ema) * self.growth + self.ema * step
+        growth = self.growth or 0.0
+        self.forecast = self.smoothed * math.exp(self.horizon * growth)
+        error = max(-2.0, min(2.0, math.log(max(self.forecast, 1e-12) / self.budget)))
+        if error < 0 and (self.growth is None or growth > 0):
+            error = 0.0  # below the budget but rising (or not known yet): do not relax the constraint
+        low, high = self.start * 1e-4, self.start * 1e4
+        self.integral = min(max((self.integral or self.start) * math.exp(self.rate * error), low), high)
+        self.coef = min(max(self.integral * math.exp(self.gain * error), low), high)
 
 
 @dataclass
@@ -354,6 +374,7 @@ class ARRTrainer(Trainer):
                 logs["drift_budget"] = self.controller.budget
                 if self.controller.smoothed is not None:
                     logs["kl_smoothed"] = self.controller.smoothed
+                    logs["kl_forecast"] = self.controller.forecast
             logs["step_time_s"] = elapsed / max(self.state.global_step - self._last_logged_step, 1)
             self._last_logged_step = self.state.global_step
             self._terms, self._term_counts, self._sft_tokens = {}, {}, 0
