@@ -131,16 +131,31 @@ def test_scale_auto_follows_its_rule_and_an_unevaluated_run_is_evaluated_first(
     ]
     scales = [float(r[0].split()[0]) for r in rows]
     chosen = next(float(r[0].split()[0]) for r in rows if "chosen" in r[0])
-    # measured: the full adapter, then from the smallest scale up to the first that passes
-    assert scales == sorted({*(s for s in (0.25, 0.5, 0.75) if s <= chosen), 1.0})
-    # the rule: the smallest scale whose EM difference to s = 1 is >= minus its paired standard error
-    diffs = [tuple(float(x) for x in r[2].split("±")) for r in rows]
-    expected = next(float(r[0].split()[0]) for r, (d, se) in zip(rows, diffs) if d >= -se)
-    assert chosen == expected
+    # the rule: going down from s = 1, the smallest scale before the first whose EM difference to s = 1 is
+    # below minus its paired standard error; the search stops at that first failing scale
+    passed = {float(r[0].split()[0]): d >= -se for r in rows for d, se in [map(float, r[2].split("±"))]}
+    expected, measured = 1.0, [1.0]
+    for s in (0.75, 0.5, 0.25):
+        measured.append(s)
+        if not passed[s]:
+            break
+        expected = s
+    assert chosen == expected and scales == sorted(measured)
+    assert "measured on 8 held-out task items" in printed
     # the drift at the kept and the full scale
     assert all((r[3].strip() != "–") == (s in (chosen, 1.0)) for r, s in zip(rows, scales))
     card = (out / "README.md").read_text()
     assert f"scaled by **{chosen:g}**" in card and "## Adapter scale" in card
+    # an evaluated run: without settings, --scale auto uses the run's own (n_task=8, not the default), and
+    # when it keeps the full adapter, the drift in the table is the evaluation's
+    assert main(["export", str(run), "--out", str(tmp_path / "again"), "--adapter-only", "--scale", "auto",
+                 "--no-progress"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "measured on 8 held-out task items" in printed
+    if chosen == 1.0:
+        adapted = json.loads((run / "eval.json").read_text())["adapted"]
+        full_row = next(line for line in printed.splitlines() if line.startswith("| 1 (chosen)"))
+        assert f"{adapted['drift/books']:.4f} | {adapted['drift/wiki']:.4f}" in full_row
     got, want = (
         load_file(out / "adapter_model.safetensors"),
         load_file(run / "adapter" / "adapter_model.safetensors"),
@@ -202,3 +217,23 @@ def test_lora_scale_goes_back_up_to_the_trained_update(tiny_model_dir: Path, run
     for name, param in model.named_parameters():
         if "lora_" in name:
             torch.testing.assert_close(param, trained[name])
+
+
+def test_scale_auto_reuses_the_runs_drift_when_it_keeps_the_full_adapter(
+    run_dir: Path, tiny_model_dir: Path, tiny_tokenizer
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from arrtune.evaluation import EvalConfig, resolve_task
+    from arrtune.export import choose_scale
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = resolve_task(EvalConfig.from_dict({"n_task": 4, "max_text_tokens": 16}, "test"), config)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir / "adapter"
+    )
+    chosen, rows = choose_scale(model, tiny_tokenizer, cfg, scales=(1.0,), full_drift={"drift/wiki": 0.5})
+    assert chosen == 1.0 and rows[0]["drift/wiki"] == 0.5 and "drift/books" not in rows[0]
+    chosen, rows = choose_scale(model, tiny_tokenizer, cfg, scales=(1.0,))  # no evaluation: measured
+    assert chosen == 1.0 and rows[0]["drift/wiki"] != 0.5 and "drift/books" in rows[0]

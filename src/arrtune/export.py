@@ -39,6 +39,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 AUTO_SCALES = (1.0, 0.75, 0.5, 0.25)
 #: held-out text passages per set for the drift column of ``scale="auto"`` (the task uses the eval default)
 AUTO_TEXT_PASSAGES = 10
+#: the run's own drift measures that --scale auto reuses for the full adapter
+DRIFT_KEYS = ("drift/wiki", "drift/books")
 
 
 def _lora_b_matrices(peft_model: Any) -> dict[str, torch.nn.Parameter]:
@@ -74,17 +76,21 @@ class LoraScale:
 
 
 def choose_scale(peft_model: Any, tokenizer: Any, eval_cfg: Any, scales: tuple[float, ...] = AUTO_SCALES,
+                 full_drift: dict[str, float] | None = None,
                  progress: bool = False) -> tuple[float, list[dict[str, float]]]:  # fmt: skip
-    """Choose the LoRA scale: the smallest whose task exact match is at least the full adapter's minus one paired
-    standard error. Returns the chosen scale and one row per measured scale; leaves the adapter at that scale.
+    """Choose the LoRA scale: going down from the full adapter, the smallest scale before the first whose task
+    exact match falls below the full adapter's by more than one paired standard error. Returns the chosen scale
+    and one row per measured scale; leaves the adapter at that scale.
 
     Exact match here is teacher-forced greedy: the reference response, up to its end-of-turn token, is the
     model's most likely next token at every position, i.e. greedy decoding would write it token for token (one
-    forward pass per item instead of a generation). The full adapter is measured first, then the smaller scales
-    from the smallest up, stopping at the first that passes. Each row: ``scale``, exact match and its standard
-    error, the difference from the full adapter with its paired standard error (same items); the rows of the
-    chosen and the full adapter also carry the drift (token KL base || adapted) on held-out text. Needs the
-    run's held-out task (``eval_cfg.task`` resolved)."""
+    forward pass per item instead of a generation). Scales are measured from the largest down and the search
+    stops at the first that fails: the usual outcome, a task that needs the full adapter, costs two passes.
+    Each row: ``scale``, ``n`` items, exact match and its standard error, the difference from the full adapter with its
+    paired standard error (same items); the rows of the chosen and the full adapter also carry the drift
+    (token KL base || adapted) on held-out text. ``full_drift``: the full adapter's drift from the run's own
+    evaluation, used instead of measuring it when the full adapter is kept. Needs the run's held-out task
+    (``eval_cfg.task`` resolved)."""
     from dataclasses import replace
 
     from arrtune.evaluation._common import binomial_stderr, paired_stderr
@@ -117,27 +123,30 @@ def choose_scale(peft_model: Any, tokenizer: Any, eval_cfg: Any, scales: tuple[f
 
     def row(scale: float, correct: list[int], full: list[int]) -> dict[str, float]:
         em, full_em = sum(correct) / len(correct), sum(full) / len(full)
-        return {"scale": scale, "task_em": em, "task_em_se": binomial_stderr(em, len(correct)),
+        return {"scale": scale, "n": len(correct), "task_em": em, "task_em_se": binomial_stderr(em, len(correct)),
                 "em_vs_full": em - full_em, "em_vs_full_se": paired_stderr(full, correct)}  # fmt: skip
 
     full_scale = max(scales)
     full = exact_match(full_scale)
     rows = {full_scale: row(full_scale, full, full)}
     chosen = full_scale
-    for s in sorted(x for x in scales if x != full_scale):
+    for s in sorted((x for x in scales if x != full_scale), reverse=True):
         rows[s] = row(s, exact_match(s), full)
         se = 0.0 if math.isnan(rows[s]["em_vs_full_se"]) else rows[s]["em_vs_full_se"]
-        if rows[s]["em_vs_full"] >= -se:
-            chosen = s
+        if rows[s]["em_vs_full"] < -se:
             break
-    passages_by_set = text_sets(cfg)
-    for s in sorted({chosen, full_scale}):
-        lora_scale.set(s)
-        for name, passages in passages_by_set.items():
-            rows[s][f"drift/{name}"] = text_metrics(
-                peft_model, tokenizer, passages, cfg.max_text_tokens, cfg.batch_size,
-                lambda: adapter_disabled(peft_model), progress, desc=f"scale {s:g}/{name}",
-            ).drift  # fmt: skip
+        chosen = s
+    if chosen == full_scale and full_drift:
+        rows[full_scale].update(full_drift)
+    else:
+        passages_by_set = text_sets(cfg)
+        for s in sorted({chosen, full_scale}):
+            lora_scale.set(s)
+            for name, passages in passages_by_set.items():
+                rows[s][f"drift/{name}"] = text_metrics(
+                    peft_model, tokenizer, passages, cfg.max_text_tokens, cfg.batch_size,
+                    lambda: adapter_disabled(peft_model), progress, desc=f"scale {s:g}/{name}",
+                ).drift  # fmt: skip
     lora_scale.set(chosen)
     return chosen, [rows[s] for s in sorted(rows)]
 
@@ -230,7 +239,13 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, adapter_only:
         raise ArrtuneError(f"--dtype {dtype}: expected auto, {', '.join(DTYPES)}")
     if scale != "auto" and not (isinstance(scale, (int, float)) and 0 <= scale <= 1):
         raise ArrtuneError(f"--scale {scale}: must be in [0, 1] or auto")
-    eval_cfg = resolve_task(EvalConfig.from_dict(eval_settings or {}, "eval setting"), config)
+    if not eval_settings and evaluation is not None and isinstance(evaluation.get("config"), dict):
+        eval_cfg = EvalConfig.from_dict(
+            evaluation["config"], f"{run / 'eval.json'}: config"
+        )  # the run's settings
+    else:
+        eval_cfg = EvalConfig.from_dict(eval_settings or {}, "eval setting")
+    eval_cfg = resolve_task(eval_cfg, config)
     if scale == "auto" and not eval_cfg.task:
         raise ArrtuneError(
             f"--scale auto: {run} has no held-out task to measure (set task_eval in its config)"
@@ -248,11 +263,13 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, adapter_only:
     scale_table = None
     if scale == "auto":
         started = time.perf_counter()
-        scale, rows = choose_scale(model, tokenizer, eval_cfg, progress=progress)
+        drift = {k: v for k, v in ((evaluation or {}).get("adapted") or {}).items() if k in DRIFT_KEYS}
+        scale, rows = choose_scale(model, tokenizer, eval_cfg, full_drift=drift, progress=progress)
         scale_table = format_scale_table(rows, scale)
         print(scale_table)
         print(
-            f"[export] scale {scale:g} chosen ({len(rows)} scales measured in {time.perf_counter() - started:.1f} s)"
+            f"[export] scale {scale:g} chosen ({len(rows)} scales measured on {rows[0]['n']} held-out task items"
+            f" in {time.perf_counter() - started:.1f} s)"
         )
     else:
         scale_lora(model, float(scale))
