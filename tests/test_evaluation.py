@@ -265,6 +265,20 @@ def test_pair_with_cached_base_result_equals_uncached(tiny_model_dir, tmp_path, 
         _assert_same_result(cached, uncached)
     assert cached["timing"]["base"] == base["timing"]["model"]
 
+    # the base's hidden states on the held-out text, kept across adapters (arrtune compare): the first call fills
+    # them, the next uses them (a second adapter on a fresh copy of the base) with the same result
+    base_hidden: dict = {}
+    first = evaluate_model_pair(pm, tok, cfg, progress=False, base_result=base, base_hidden=base_hidden)
+    _assert_same_result(first, uncached)
+    assert len(base_hidden) == 2 and all(base_hidden.values())  # wiki and books
+    pm2 = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), tmp_path / "adapter")
+    second = evaluate_model_pair(pm2, tok, cfg, progress=False, base_result=base, base_hidden=base_hidden)
+    _assert_same_result(second, uncached)
+    for batches in base_hidden.values():  # it is used: altered hidden states change the drift
+        batches[:] = [hidden * 0.5 for hidden in batches]
+    altered = evaluate_model_pair(pm2, tok, cfg, progress=False, base_result=base, base_hidden=base_hidden)
+    assert altered["adapted"]["drift/wiki"] != pytest.approx(uncached["adapted"]["drift/wiki"])
+
 
 def test_pair_rejects_a_base_result_of_another_config(tiny):
     model, tok = tiny

@@ -252,13 +252,16 @@ def run_grid(grid: GridConfig, progress: bool = True, debug: bool = False) -> Pa
         base_result = evaluate_single(load_base(), tokenizer, eval_cfg, progress=progress)
         write_eval_json(base_result, base_path)
         base_result = json.loads(base_path.read_text())
+    base_hidden: dict[tuple, list] = {}  # the base's hidden states on the held-out text, shared by the runs
     for spec in specs:
         run_dir = Path(spec.config.output_dir)
         if _is_finished(spec, wanted):
             continue
         print(f"[compare] {spec.name}: evaluating")
         model = PeftModel.from_pretrained(load_base(), run_dir / "adapter")
-        result = evaluate_model_pair(model, tokenizer, eval_cfg, progress=progress, base_result=base_result)
+        result = evaluate_model_pair(
+            model, tokenizer, eval_cfg, progress=progress, base_result=base_result, base_hidden=base_hidden
+        )
         write_eval_json(result, run_dir / "eval.json")
     write_report(out, [s.name for s in specs])
     return out

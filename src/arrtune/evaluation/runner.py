@@ -321,7 +321,7 @@ class _Evaluation:
 
     def __init__(self, model: Any, tokenizer: Any, cfg: EvalConfig,
                  base_ctx: Callable[[], AbstractContextManager] | None, progress: bool,
-                 cache: dict[str, Any] | None) -> None:  # fmt: skip
+                 cache: dict[str, Any] | None, base_hidden: dict[tuple, list] | None = None) -> None:  # fmt: skip
         self.model, self.tokenizer, self.cfg, self.base_ctx, self.progress = (
             model,
             tokenizer,
@@ -330,6 +330,7 @@ class _Evaluation:
             progress,
         )
         self.cache = cache
+        self.base_hidden = base_hidden
         self.pair = base_ctx is not None
         self.columns = ["base", "adapted"] if self.pair else ["model"]
         self.own = "base" if self.pair else "model"  # the column of the base model
@@ -380,11 +381,15 @@ class _Evaluation:
 
     def text(self) -> None:
         """Perplexity, bits per byte and drift on held-out text (both models from one pass in pair mode; the
-        base forward is needed for drift, so a cache does not skip it)."""
+        base forward is needed for drift: the base result's cache does not skip it, ``base_hidden`` does)."""
         cfg, t0 = self.cfg, time.perf_counter()
         for set_name, texts in text_sets(cfg).items():
+            key = (set_name, cfg.max_text_tokens, cfg.batch_size, tuple(texts))
+            hidden = (
+                self.base_hidden.setdefault(key, []) if self.pair and self.base_hidden is not None else None
+            )
             r = text_metrics(self.model, self.tokenizer, texts, cfg.max_text_tokens, cfg.batch_size, self.base_ctx,
-                             self.progress, desc=f"text/{set_name}")  # fmt: skip
+                             self.progress, desc=f"text/{set_name}", base_hidden=hidden)  # fmt: skip
             if self.pair:
                 self.metrics["base"].update({f"ppl/{set_name}": r.ppl_base, f"bpb/{set_name}": r.bpb_base})
                 self.metrics["adapted"].update(
@@ -545,9 +550,9 @@ class _Evaluation:
 
 
 def _run(model, tokenizer, cfg: EvalConfig, base_ctx: Callable[[], AbstractContextManager] | None, progress: bool,
-         cache: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+         cache: dict[str, Any] | None = None, base_hidden: dict[tuple, list] | None = None) -> dict[str, Any]:  # fmt: skip
     """Evaluate: benchmarks, held-out text, the task, then chat behaviour (see :class:`_Evaluation`)."""
-    evaluation = _Evaluation(model, tokenizer, cfg, base_ctx, progress, cache)
+    evaluation = _Evaluation(model, tokenizer, cfg, base_ctx, progress, cache, base_hidden)
     evaluation.benchmarks()
     evaluation.text()
     task_examples, train_responses = evaluation.task()
@@ -589,6 +594,7 @@ def evaluate_model_pair(
     base_context: Callable[[], AbstractContextManager] | None = None,
     progress: bool = True,
     base_result: dict[str, Any] | None = None,
+    base_hidden: dict[tuple, list] | None = None,
 ) -> dict[str, Any]:
     """Evaluate the base model (inside ``base_context()``, default ``peft_model.disable_adapter()``) and the
     adapted model in one process. Returns ``{"mode": "pair", "base": {...}, "adapted": {...}, "delta": {...},
@@ -601,11 +607,15 @@ def evaluate_model_pair(
     they are not computed again (e.g. when several adapters of one base model are compared). The base forward
     passes that drift needs (on the held-out text, from which the base perplexity also comes, and on the
     cached base answers) still run. The result is the same as without ``base_result`` (``timing["base"]`` is
-    the cached one). A result computed with another config raises ``ValueError``."""
+    the cached one). A result computed with another config raises ``ValueError``.
+
+    ``base_hidden``: a dict kept in memory across calls whose adapters share one base model (same weights and
+    precision): the base model's hidden states on the held-out text are computed by the first call and reused
+    by the next ones, which then skip that base forward pass. The result is the same."""
     cfg = cfg or EvalConfig()
     cache = None if base_result is None else _check_base_result(base_result, cfg)
     ctx = base_context or _adapter_off(peft_model)
-    return _run(peft_model, tokenizer, cfg, ctx, progress, cache)
+    return _run(peft_model, tokenizer, cfg, ctx, progress, cache, base_hidden)
 
 
 def evaluate(

@@ -66,9 +66,14 @@ def score_sequences(
     kl: bool = True,
     progress: bool = False,
     desc: str = "text",
+    base_hidden: list[torch.Tensor] | None = None,
 ) -> SequenceStats:
     """NLL (and, with ``base_context``, base NLL and KL(base || model)) of tokens ``seq[start:]`` of each
-    sequence; ``start >= 1``. Sequences are batched longest first, right-padded."""
+    sequence; ``start >= 1``. Sequences are batched longest first, right-padded.
+
+    ``base_hidden``: a list that holds the base model's last hidden states at the scored positions, one tensor
+    per batch: filled when empty, used instead of the base forward pass when filled (by an earlier call with
+    the same sequences, starts, batch size and base model, e.g. the next adapter of a comparison)."""
     if any(s < 1 or s > len(q) for q, s in zip(sequences, starts)):
         raise ValueError("every start must be in [1, len(sequence)]")
     parts = LMParts(model)
@@ -79,6 +84,7 @@ def score_sequences(
     kl_sum = torch.zeros(n, dtype=torch.float64)
     misses = torch.zeros(n, dtype=torch.long)
     order = sorted(range(n), key=lambda i: -len(sequences[i]))
+    n_batches = 0
     with eval_mode(model), tqdm(total=n, desc=desc, disable=not progress, leave=False) as bar:
         for batch in batched(order, batch_size):
             width = max(len(sequences[i]) for i in batch)
@@ -99,9 +105,14 @@ def score_sequences(
             targets_t, owner_t = torch.tensor(targets), torch.tensor(owner)
             hidden = parts.hidden(ids, mask, None)[rows_t, cols_t]
             hidden_base = None
-            if base_context is not None:
+            if base_context is not None and base_hidden and len(base_hidden) > n_batches:
+                hidden_base = base_hidden[n_batches]
+            elif base_context is not None:
                 with base_context():
                     hidden_base = parts.hidden(ids, mask, None)[rows_t, cols_t]
+                if base_hidden is not None:
+                    base_hidden.append(hidden_base)
+            n_batches += 1
             for s in chunks(len(targets), HEAD_CHUNK):
                 logp = torch.log_softmax(parts.logits(hidden[s]).cpu(), dim=-1)
                 tgt = targets_t[s, None]
@@ -169,9 +180,11 @@ def text_metrics(
     base_context: Callable[[], AbstractContextManager] | None = None,
     progress: bool = False,
     desc: str = "text",
+    base_hidden: list[torch.Tensor] | None = None,
 ) -> TextResult:
     """Perplexity and bits per byte of ``texts`` (first ``max_tokens`` tokens each); with ``base_context``
-    also those of the base model and the drift KL(base || model) per token, from the same pass."""
+    also those of the base model and the drift KL(base || model) per token, from the same pass
+    (``base_hidden``: see :func:`score_sequences`)."""
     sequences, n_bytes = encode_passages(tokenizer, texts, max_tokens)
     stats = score_sequences(
         model,
@@ -182,6 +195,7 @@ def text_metrics(
         base_context,
         progress=progress,
         desc=desc,
+        base_hidden=base_hidden,
     )
     total_bytes = sum(n_bytes)
 
