@@ -3,7 +3,8 @@
 Reads the evaluated runs of ``arrtune compare`` directories per task (``task=dir1,dir2``), groups the seeds of
 each setting (as ``benchmarks/frontier.py`` does), and prints, per task:
 
-- each budget's drift after training on held-out Wikipedia paragraphs (the same kind of text as the replay
+- each budget's KL as the controller measured it at the last step (smoothed, on the training batches' KL
+  tokens), and its drift after training on held-out Wikipedia paragraphs (the same kind of text as the replay
   corpus, on which the controller measures the KL) and on held-out book passages (another domain), mean and
   standard deviation over seeds, and the ratio of the mean to the budget (the target: within ±25%);
 - the drift-vs-exact-match frontier: each budget setting's exact match minus the fixed-``kl_coef`` sweep's,
@@ -33,7 +34,17 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
 
 
-def summarize(groups: dict[str, dict]) -> tuple[list[dict], list[dict]]:
+def controller_kl(directories: list[Path], name: str, seed: int) -> float | None:
+    """The controller's smoothed KL (on the training batches' KL tokens) at the run's last step."""
+    for directory in directories:
+        path = directory / "runs" / f"{name}-seed={seed}" / "metrics.jsonl"
+        if path.is_file():
+            records = [json.loads(line) for line in path.read_text().splitlines() if "kl_smoothed" in line]
+            return records[-1]["kl_smoothed"] if records else None
+    return None
+
+
+def summarize(groups: dict[str, dict], directories: list[Path]) -> tuple[list[dict], list[dict]]:
     """(budget settings, fixed-coefficient settings at the same replay ratio), each a list of summaries."""
     budgets, sweep = [], []
     for name, group in groups.items():
@@ -50,6 +61,9 @@ def summarize(groups: dict[str, dict]) -> tuple[list[dict], list[dict]]:
     budgets.sort(key=lambda r: r["drift_budget"])
     sweep.sort(key=lambda r: r[DRIFT])
     for row in budgets:
+        ends = [controller_kl(directories, row["name"], seed) for seed in row["seeds"]]
+        row["controller_kl"] = statistics.fmean(ends) if None not in ends else float("nan")
+        row["ratio_controller"] = row["controller_kl"] / row["drift_budget"]
         row["ratio_wiki"] = row["drift/wiki"] / row["drift_budget"]
         row["ratio_books"] = row["drift/books"] / row["drift_budget"]
         row["held"] = abs(row["ratio_wiki"] - 1) <= TOLERANCE
@@ -75,19 +89,21 @@ def _versus_sweep(row: dict, sweep: list[dict]) -> dict:
 
 def table(task: str, budgets: list[dict], sweep: list[dict]) -> str:
     lines = [f"### {task}", "",
-             "| setting | seeds | drift wiki | ÷ budget | drift books | ÷ budget | task EM | EM − sweep at same drift |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| setting | seeds | training KL at the end | drift wiki | ÷ budget | drift books | ÷ budget | task EM |"
+             " EM − sweep at same drift |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in budgets:
         vs = (f"{r['em_vs_sweep']:+.2f} ± {r['em_vs_sweep_se']:.2f} ({r['bracket']})"
               if r["em_vs_sweep"] is not None else r["bracket"])  # fmt: skip
         lines.append(
-            f"| budget {r['drift_budget']:g} | {len(r['seeds'])} | {r['drift/wiki']:.3f} ± {r['drift/wiki_sd']:.3f}"
+            f"| budget {r['drift_budget']:g} | {len(r['seeds'])} | {r['controller_kl']:.3f} (÷ budget"
+            f" {r['ratio_controller']:.2f}) | {r['drift/wiki']:.3f} ± {r['drift/wiki_sd']:.3f}"
             f" | **{r['ratio_wiki']:.2f}**{' ✓' if r['held'] else ''} | {r['drift/books']:.3f} ± {r['drift/books_sd']:.3f}"
             f" | {r['ratio_books']:.2f} | {r['task/exact_match']:.2f} ± {r['task/exact_match_sd']:.2f} | {vs} |"
         )
     for r in sweep:
         lines.append(
-            f"| kl_coef {r['kl_coef']:g} | {len(r['seeds'])} | {r['drift/wiki']:.3f} ± {r['drift/wiki_sd']:.3f} | – |"
+            f"| kl_coef {r['kl_coef']:g} | {len(r['seeds'])} | – | {r['drift/wiki']:.3f} ± {r['drift/wiki_sd']:.3f} | – |"
             f" {r['drift/books']:.3f} ± {r['drift/books_sd']:.3f} | – | {r['task/exact_match']:.2f} ±"
             f" {r['task/exact_match_sd']:.2f} | – |"
         )
@@ -134,7 +150,8 @@ def main() -> None:
         task, _, dirs = spec.partition("=")
         if not dirs:
             parser.error(f"{spec}: expected task=dir[,dir...]")
-        results[task] = summarize(load_groups([Path(d) for d in dirs.split(",")]))
+        directories = [Path(d) for d in dirs.split(",")]
+        results[task] = summarize(load_groups(directories), directories)
         print(table(task, *results[task]) + "\n")
     cells = [r for budgets, _ in results.values() for r in budgets]
     print(f"budget held (mean drift on held-out wiki within ±{TOLERANCE:.0%}): "
