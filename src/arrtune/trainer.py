@@ -63,14 +63,15 @@ class KLController:
         log(integral) <- log(integral) + rate * error         (starts at the starting coefficient)
         log(coef) <- log(integral) + gain * error
 
-    The step is multiplicative and symmetric in log space (PPO's adaptive-KL rule, Ziegler et al. 2019, on
-    a forecast): at most x e^rate per step, so a coefficient 100x off is corrected in about 15 steps. Two
-    additions make it hold a budget in short runs, where the drift has momentum (Adam's moments, the drift
-    already accumulated) and is slow to undo: it acts on the KL forecast ``horizon`` steps ahead from its
-    smoothed growth rate (so it raises the coefficient while a fast-rising KL is still below the budget), and
-    it never lowers the coefficient while the KL is growing (anti-windup: at the start of a run the adapter
-    is zero and the KL is near 0 whatever the coefficient, which says nothing about the coefficient the
-    budget needs). The coefficient is kept within 1e-4..1e4 x its starting value.
+    Steps are multiplicative and symmetric in log space. The integral is PPO's adaptive-KL rule (Ziegler et
+    al. 2019) in log space, at most x e^(2 rate) = 1.8 per step; the coefficient adds a proportional term (up
+    to e^(2 gain) = 7.4x the integral at once) and a derivative one, the forecast: a PID Lagrangian (Stooke et
+    al. 2020). Built for short runs, where the drift has momentum (Adam's moments, the drift already
+    accumulated) and is slow to undo: it acts on the KL forecast ``horizon`` steps ahead from its smoothed
+    growth rate (so it raises the coefficient while a fast-rising KL is still below the budget), and it never
+    lowers the coefficient while the KL is growing (anti-windup: at the start of a run the adapter is zero and
+    the KL is near 0 whatever the coefficient, which says nothing about the coefficient the budget needs).
+    The coefficient is kept within 1e-4..1e4 x its starting value (docs/drift_budget.md).
     """
 
     coef: float
