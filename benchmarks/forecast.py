@@ -32,9 +32,9 @@ def load_points(directories: list[str]) -> list[dict]:
             record = {"run": path.parent.name, "forecast": adapted["drift/task"]}
             record["group"] = re.sub(r"-seed=\d+$", "", record["run"]).split("-replay_ratio")[0]
             for key in MEASURES:
-                if key == "mc/mean_acc" and key in adapted and key in base:
+                if key == "mc/mean_acc" and adapted.get(key) is not None and base.get(key) is not None:
                     record[key] = adapted[key] - base[key]
-                elif key in adapted:
+                elif key != "mc/mean_acc" and adapted.get(key) is not None:  # not measured in every grid
                     record[key] = adapted[key]
             points.append(record)
     return points
