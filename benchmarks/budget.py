@@ -93,8 +93,12 @@ def table(task: str, budgets: list[dict], sweep: list[dict]) -> str:
              " EM − sweep at same drift |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in budgets:
-        vs = (f"{r['em_vs_sweep']:+.2f} ± {r['em_vs_sweep_se']:.2f} ({r['bracket']})"
-              if r["em_vs_sweep"] is not None else r["bracket"])  # fmt: skip
+        if r["em_vs_sweep"] is None:
+            vs = r["bracket"]
+        elif math.isnan(r["em_vs_sweep_se"]):  # a one-seed reference has no spread
+            vs = f"{r['em_vs_sweep']:+.2f} ({r['bracket']}, one seed: no SE)"
+        else:
+            vs = f"{r['em_vs_sweep']:+.2f} ± {r['em_vs_sweep_se']:.2f} ({r['bracket']})"
         lines.append(
             f"| budget {r['drift_budget']:g} | {len(r['seeds'])} | {r['controller_kl']:.3f} (÷ budget"
             f" {r['ratio_controller']:.2f}) | {r['drift/wiki']:.3f} ± {r['drift/wiki_sd']:.3f}"
@@ -102,10 +106,14 @@ def table(task: str, budgets: list[dict], sweep: list[dict]) -> str:
             f" | {r['ratio_books']:.2f} | {r['task/exact_match']:.2f} ± {r['task/exact_match_sd']:.2f} | {vs} |"
         )
     for r in sweep:
+        sd = {
+            k: "" if math.isnan(r[f"{k}_sd"]) else f" ± {r[f'{k}_sd']:.3f}"
+            for k in ("drift/wiki", "drift/books")
+        }
+        em_sd = "" if math.isnan(r["task/exact_match_sd"]) else f" ± {r['task/exact_match_sd']:.2f}"
         lines.append(
-            f"| kl_coef {r['kl_coef']:g} | {len(r['seeds'])} | – | {r['drift/wiki']:.3f} ± {r['drift/wiki_sd']:.3f} | – |"
-            f" {r['drift/books']:.3f} ± {r['drift/books_sd']:.3f} | – | {r['task/exact_match']:.2f} ±"
-            f" {r['task/exact_match_sd']:.2f} | – |"
+            f"| kl_coef {r['kl_coef']:g} | {len(r['seeds'])} | – | {r['drift/wiki']:.3f}{sd['drift/wiki']} | – |"
+            f" {r['drift/books']:.3f}{sd['drift/books']} | – | {r['task/exact_match']:.2f}{em_sd} | – |"
         )
     return "\n".join(lines)
 
@@ -154,8 +162,11 @@ def main() -> None:
         results[task] = summarize(load_groups(directories), directories)
         print(table(task, *results[task]) + "\n")
     cells = [r for budgets, _ in results.values() for r in budgets]
+    books = sum(abs(r["ratio_books"] - 1) <= TOLERANCE for r in cells)
+    own = sum(abs(r["ratio_controller"] - 1) <= TOLERANCE for r in cells)
     print(f"budget held (mean drift on held-out wiki within ±{TOLERANCE:.0%}): "
-          f"{sum(r['held'] for r in cells)} of {len(cells)} task x budget cells")  # fmt: skip
+          f"{sum(r['held'] for r in cells)} of {len(cells)} task x budget cells; on held-out books {books} of"
+          f" {len(cells)}; the controller's own KL at the last step {own} of {len(cells)}")  # fmt: skip
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "budget.json").write_text(json.dumps(results, indent=1))
