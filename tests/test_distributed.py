@@ -115,7 +115,9 @@ def test_two_processes_match_one_process_and_shard_the_replay_stream(
     ranks = [json.loads((ckpt / f"kl_controller_rank{r}.json").read_text()) for r in (0, 1)]
     alone = json.loads((one / "checkpoints" / "checkpoint-6" / "kl_controller_rank0.json").read_text())
     assert ranks[0] == ranks[1]
-    assert ranks[0]["coef"] != 0.1 and abs(ranks[0]["coef"] - alone["coef"]) <= 1e-6 * alone["coef"]
+    # (the controller's forecast and proportional term amplify float rounding of the KL, whose summation order
+    # differs between one and two processes, about tenfold: 1e-4 relative; a rank-local KL is off by percents)
+    assert ranks[0]["coef"] != 0.1 and abs(ranks[0]["coef"] - alone["coef"]) <= 1e-4 * alone["coef"]
 
     # replay: each rank read its own documents, none shared, and both read some
     consumed = []
