@@ -84,9 +84,8 @@ def score_sequences(
     kl_sum = torch.zeros(n, dtype=torch.float64)
     misses = torch.zeros(n, dtype=torch.long)
     order = sorted(range(n), key=lambda i: -len(sequences[i]))
-    n_batches = 0
     with eval_mode(model), tqdm(total=n, desc=desc, disable=not progress, leave=False) as bar:
-        for batch in batched(order, batch_size):
+        for b, batch in enumerate(batched(order, batch_size)):
             width = max(len(sequences[i]) for i in batch)
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -105,14 +104,13 @@ def score_sequences(
             targets_t, owner_t = torch.tensor(targets), torch.tensor(owner)
             hidden = parts.hidden(ids, mask, None)[rows_t, cols_t]
             hidden_base = None
-            if base_context is not None and base_hidden and len(base_hidden) > n_batches:
-                hidden_base = base_hidden[n_batches]
+            if base_context is not None and base_hidden is not None and b < len(base_hidden):
+                hidden_base = base_hidden[b]
             elif base_context is not None:
                 with base_context():
                     hidden_base = parts.hidden(ids, mask, None)[rows_t, cols_t]
                 if base_hidden is not None:
                     base_hidden.append(hidden_base)
-            n_batches += 1
             for s in chunks(len(targets), HEAD_CHUNK):
                 logp = torch.log_softmax(parts.logits(hidden[s]).cpu(), dim=-1)
                 tgt = targets_t[s, None]
