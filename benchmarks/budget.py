@@ -34,17 +34,16 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
 
 
-def controller_kl(directories: list[Path], name: str, seed: int) -> float | None:
+def controller_kl(run_dir: Path) -> float | None:
     """The controller's smoothed KL (on the training batches' KL tokens) at the run's last step."""
-    for directory in directories:
-        path = directory / "runs" / f"{name}-seed={seed}" / "metrics.jsonl"
-        if path.is_file():
-            records = [json.loads(line) for line in path.read_text().splitlines() if "kl_smoothed" in line]
-            return records[-1]["kl_smoothed"] if records else None
-    return None
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if "kl_smoothed" in line]
+    return records[-1]["kl_smoothed"] if records else None
 
 
-def summarize(groups: dict[str, dict], directories: list[Path]) -> tuple[list[dict], list[dict]]:
+def summarize(groups: dict[str, dict]) -> tuple[list[dict], list[dict]]:
     """(budget settings, fixed-coefficient settings at the same replay ratio), each a list of summaries."""
     budgets, sweep = [], []
     for name, group in groups.items():
@@ -57,12 +56,13 @@ def summarize(groups: dict[str, dict], directories: list[Path]) -> tuple[list[di
             values = [r["adapted"][key] for r in runs.values()]
             row[key], row[f"{key}_sd"] = _mean_sd(values)
             row[f"{key}_seeds"] = values
+        if row["drift_budget"]:
+            ends = [controller_kl(group["dirs"][seed]) for seed in row["seeds"]]
+            row["controller_kl"] = statistics.fmean(ends) if None not in ends else float("nan")
         (budgets if row["drift_budget"] else sweep).append(row)
     budgets.sort(key=lambda r: r["drift_budget"])
     sweep.sort(key=lambda r: r[DRIFT])
     for row in budgets:
-        ends = [controller_kl(directories, row["name"], seed) for seed in row["seeds"]]
-        row["controller_kl"] = statistics.fmean(ends) if None not in ends else float("nan")
         row["ratio_controller"] = row["controller_kl"] / row["drift_budget"]
         row["ratio_wiki"] = row["drift/wiki"] / row["drift_budget"]
         row["ratio_books"] = row["drift/books"] / row["drift_budget"]
@@ -158,8 +158,7 @@ def main() -> None:
         task, _, dirs = spec.partition("=")
         if not dirs:
             parser.error(f"{spec}: expected task=dir[,dir...]")
-        directories = [Path(d) for d in dirs.split(",")]
-        results[task] = summarize(load_groups(directories), directories)
+        results[task] = summarize(load_groups([Path(d) for d in dirs.split(",")]))
         print(table(task, *results[task]) + "\n")
     cells = [r for budgets, _ in results.values() for r in budgets]
     books = sum(abs(r["ratio_books"] - 1) <= TOLERANCE for r in cells)

@@ -39,7 +39,8 @@ SETTING_KEYS = ("method", "replay_ratio", "kl_coef", "kl_on", "kl_fraction", "kl
 
 
 def load_groups(directories: list[Path]) -> dict[str, dict]:
-    """Setting name -> {"config": resolved config of its first seed, "runs": {seed: eval.json}}, over one or more
+    """Setting name -> {"config": resolved config of its first seed, "runs": {seed: eval.json}, "dirs": {seed: run
+    directory}}, over one or more
     compare directories. Runs of the same setting (``SETTING_KEYS``) form one group under the first name seen,
     wherever they come from; a name already taken by another setting gets its replay_ratio and kl_coef appended."""
     groups: dict[str, dict] = {}
@@ -52,8 +53,9 @@ def load_groups(directories: list[Path]) -> dict[str, dict]:
             if name in groups and by_setting.get(setting) != name:
                 name = f"{name} (rr {config.get('replay_ratio'):g}, kl {config.get('kl_coef'):g})"
             by_setting[setting] = name
-            group = groups.setdefault(name, {"config": config, "runs": {}})
-            group["runs"][int(config.get("seed", 0))] = json.loads(path.read_text())
+            group = groups.setdefault(name, {"config": config, "runs": {}, "dirs": {}})
+            seed = int(config.get("seed", 0))
+            group["runs"][seed], group["dirs"][seed] = json.loads(path.read_text()), path.parent
     return groups
 
 
