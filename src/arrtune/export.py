@@ -240,9 +240,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, adapter_only:
     if scale != "auto" and not (isinstance(scale, (int, float)) and 0 <= scale <= 1):
         raise ArrtuneError(f"--scale {scale}: must be in [0, 1] or auto")
     if not eval_settings and evaluation is not None and isinstance(evaluation.get("config"), dict):
-        eval_cfg = EvalConfig.from_dict(
-            evaluation["config"], f"{run / 'eval.json'}: config"
-        )  # the run's settings
+        # no settings given: the run's own evaluation settings
+        eval_cfg = EvalConfig.from_dict(evaluation["config"], f"{run / 'eval.json'}: config")
     else:
         eval_cfg = EvalConfig.from_dict(eval_settings or {}, "eval setting")
     eval_cfg = resolve_task(eval_cfg, config)
