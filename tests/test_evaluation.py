@@ -33,6 +33,7 @@ from arrtune.evaluation.generation import (
     task_example,
 )
 from arrtune.evaluation.scoring import encode_pair
+from arrtune.evaluation.text import score_sequences
 from arrtune.models import load_model, load_tokenizer
 
 
@@ -200,6 +201,35 @@ def test_drift_is_zero_with_fresh_adapter_and_positive_after_a_step(tiny):
         after["examples"][0]
     )
     assert after["timing"]["adapted"]["arc_easy/items_per_s"] > 0
+
+
+def test_shared_prefix_runs_once_with_the_same_scores(tiny):
+    """Sequences that share a prompt prefix score the same whether the prefix runs with every batch or once
+    (its keys and values reused): NLL, base NLL, KL and greedy misses, over batches of unequal lengths."""
+    from arrtune.evaluation.text import shared_prefix_length
+
+    model, tok = tiny
+    pm = _lora(model)
+    _train_step(pm, tok, "Translate into Vornish: water stone\nvaer kith " * 4)
+    prefix = tok("You are a helpful assistant. Answer briefly.\nQuestion:", add_special_tokens=False)[
+        "input_ids"
+    ]
+    tails = ["water stone", "the old stone house by the river", "fire", "bread and fire and water again"]
+    sequences = [prefix + tok(f" {t}\nAnswer: {t}", add_special_tokens=False)["input_ids"] for t in tails]
+    starts = [len(prefix) + 3 + k for k in range(len(tails))]
+    assert shared_prefix_length(sequences, starts) == len(prefix)  # every row shares it: the cache is used
+    assert shared_prefix_length(sequences, [len(prefix) - 2] * 4) == len(prefix) - 3  # stops before scoring
+    assert shared_prefix_length(sequences, [4] * 4) == 0  # too short to be worth a cache
+
+    def stats(share: bool):
+        return score_sequences(pm, tok, sequences, starts, batch_size=3, share_prefix=share,
+                               base_context=lambda: pm.disable_adapter())  # fmt: skip
+
+    shared, unshared = stats(True), stats(False)
+    assert sum(unshared.kl) > 1e-4
+    for field in ("nll", "nll_base", "kl"):
+        assert getattr(shared, field) == pytest.approx(getattr(unshared, field), rel=1e-4, abs=1e-6), field
+    assert shared.argmax_misses == unshared.argmax_misses
 
 
 def _assert_same_result(got, want, where="result"):

@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import copy
+import inspect
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -128,22 +130,49 @@ class LMParts:
         self.vocab_size = int(inner.get_output_embeddings().weight.shape[0])
         self.dtype = next(inner.parameters()).dtype
         self.device = next(inner.parameters()).device
+        # transformers 5 names a forward pass's key/value cache ``cache``; earlier versions ``past_key_values``
+        parameters = inspect.signature(inner.forward).parameters
+        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
 
     def hidden(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        prefix: Any = None,
     ) -> torch.Tensor:
-        """Last hidden states (B, T, H), or the logits (B, T, V) when the model needs its full forward."""
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        """Last hidden states (B, T, H), or the logits (B, T, V) when the model needs its full forward.
+        ``prefix``: keys and values of tokens that precede every row (:meth:`prefix_cache`, expanded to the
+        batch); ``attention_mask`` then covers the prefix too."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": prefix is not None}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
+        if prefix is not None:
+            kwargs[self.cache_argument] = prefix
         if self.full_forward:
             return self.model(**kwargs).logits
         return self.decoder(**kwargs).last_hidden_state
+
+    def prefix_cache(self, prefix_ids: Sequence[int]) -> Any:
+        """Keys and values of one token prefix (a transformers ``Cache``), computed once to run many
+        continuations from: pass ``expand_cache(cache, batch_size)`` as :meth:`hidden`'s ``prefix``."""
+        ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=self.device)
+        module = self.model if self.full_forward else self.decoder
+        out = module(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        return getattr(out, "cache", None) or out.past_key_values
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits of selected hidden states (N, H) -> (N, V)."""
         out = hidden if self.head is None else self.head(hidden)
         return out.float()
+
+
+def expand_cache(cache: Any, batch_size: int) -> Any:
+    """A copy of a one-row ``Cache`` repeated to ``batch_size`` rows (a forward pass extends the cache it is
+    given, so each batch gets its own copy)."""
+    copied = copy.deepcopy(cache)
+    copied.batch_repeat_interleave(batch_size)
+    return copied
 
 
 def chat_template_ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:

@@ -18,14 +18,16 @@ import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from arrtune.evaluation._common import batched, chunks, eval_mode, prefix_token_id
-from arrtune.lm import LMParts
+from arrtune.lm import LMParts, expand_cache
 
 HEAD_CHUNK = 512  # positions per output-head chunk
+MIN_SHARED_PREFIX = 8  # tokens; a shorter common prefix is run with every batch
 
 
 @dataclass
@@ -67,9 +69,15 @@ def score_sequences(
     progress: bool = False,
     desc: str = "text",
     base_hidden: list[torch.Tensor] | None = None,
+    share_prefix: bool = True,
 ) -> SequenceStats:
     """NLL (and, with ``base_context``, base NLL and KL(base || model)) of tokens ``seq[start:]`` of each
     sequence; ``start >= 1``. Sequences are batched longest first, right-padded.
+
+    ``share_prefix``: when all sequences start with the same tokens before any scored position (a chat
+    template's system prompt, typically half of a short task item), those tokens run once and every batch
+    continues from their keys and values (:func:`shared_prefix_length`); the results equal the unshared pass
+    up to float rounding.
 
     ``base_hidden``: a list that holds the base model's last hidden states at the scored positions, one tensor
     per batch: filled when empty, used instead of the base forward pass when filled (by an earlier call with
@@ -84,31 +92,37 @@ def score_sequences(
     kl_sum = torch.zeros(n, dtype=torch.float64)
     misses = torch.zeros(n, dtype=torch.long)
     order = sorted(range(n), key=lambda i: -len(sequences[i]))
+    shared = shared_prefix_length(sequences, starts) if share_prefix else 0
     with eval_mode(model), tqdm(total=n, desc=desc, disable=not progress, leave=False) as bar:
+        prefix = parts.prefix_cache(sequences[0][:shared]) if shared else None
+        prefix_base = None
         for b, batch in enumerate(batched(order, batch_size)):
-            width = max(len(sequences[i]) for i in batch)
+            width = max(len(sequences[i]) for i in batch) - shared
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), shared + width), dtype=torch.long)
             rows, cols, targets, owner = [], [], [], []
             for r, i in enumerate(batch):
                 seq = list(sequences[i])
-                ids[r, : len(seq)] = torch.tensor(seq)
+                ids[r, : len(seq) - shared] = torch.tensor(seq[shared:])
                 mask[r, : len(seq)] = 1
                 for t in range(starts[i], len(seq)):
                     rows.append(r)
-                    cols.append(t - 1)
+                    cols.append(t - 1 - shared)
                     targets.append(seq[t])
                     owner.append(i)
             ids, mask = ids.to(parts.device), mask.to(parts.device)
             rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
             targets_t, owner_t = torch.tensor(targets), torch.tensor(owner)
-            hidden = parts.hidden(ids, mask, None)[rows_t, cols_t]
+            hidden = parts.hidden(ids, mask, None, _expanded(prefix, len(batch)))[rows_t, cols_t]
             hidden_base = None
             if base_context is not None and base_hidden is not None and b < len(base_hidden):
                 hidden_base = base_hidden[b]
             elif base_context is not None:
                 with base_context():
-                    hidden_base = parts.hidden(ids, mask, None)[rows_t, cols_t]
+                    if shared and prefix_base is None:
+                        prefix_base = parts.prefix_cache(sequences[0][:shared])
+                    hidden_base = parts.hidden(ids, mask, None, _expanded(prefix_base, len(batch)))
+                    hidden_base = hidden_base[rows_t, cols_t]
                 if base_hidden is not None:
                     base_hidden.append(hidden_base)
             for s in chunks(len(targets), HEAD_CHUNK):
@@ -132,6 +146,23 @@ def score_sequences(
         kl=kl_sum.tolist() if with_base and kl else None,
         argmax_misses=misses.tolist(),
     )
+
+
+def shared_prefix_length(sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> int:
+    """Length of the token prefix all ``sequences`` share before their first scored position's input (at most
+    ``min(starts) - 1``); 0 when shorter than :data:`MIN_SHARED_PREFIX` tokens (not worth a cache)."""
+    if not sequences:
+        return 0
+    limit = min(starts) - 1
+    first = sequences[0]
+    length = 0
+    while length < limit and all(seq[length] == first[length] for seq in sequences):
+        length += 1
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
+def _expanded(prefix: Any, batch_size: int) -> Any:
+    return None if prefix is None else expand_cache(prefix, batch_size)
 
 
 def encode_passages(tokenizer, texts: Sequence[str], max_tokens: int) -> tuple[list[list[int]], list[int]]:
