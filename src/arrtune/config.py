@@ -194,8 +194,22 @@ class TrainConfig(TrainingArguments):
     replay_weight: float = _field(1.0, "Weight of the replay cross-entropy in the loss.")
     drift_budget: float | None = _field(
         None,
-        "Nats per KL token the model may drift (off by default). When set, kl_coef is only the starting value "
-        "of a multiplier adapted every step to hold the smoothed KL at this budget (docs/drift_budget.md).",
+        "Nats per token the model may drift on general text (off by default). When set, kl_coef is only the "
+        "starting value of a multiplier adapted during training to hold the measured drift at this budget "
+        "(docs/drift_budget.md): the drift of drift_probe replay passages (as arrtune eval measures drift on "
+        "held-out text), or, with drift_probe 0, the KL of the loss's own KL tokens.",
+    )
+    drift_probe: int = _field(
+        4,
+        "With drift_budget: replay-corpus passages set aside as the budget's probe; every drift_probe_every "
+        "steps their drift KL(initial || policy) per token over the first 256 tokens is measured (one "
+        "no-gradient forward of the policy; the initial model's side is computed once). 0: the controller "
+        "reads the KL of the loss's own KL tokens instead (no extra work, but on short, mid-document replay "
+        "rows that KL reads higher than the drift on whole passages: docs/drift_budget.md).",
+    )
+    drift_probe_every: int = _field(
+        1,
+        "With drift_budget and drift_probe > 0: optimizer steps per probe measurement (and controller update).",
     )
 
     # -- LoRA -----------------------------------------------------------------------------------------
@@ -298,6 +312,8 @@ class TrainConfig(TrainingArguments):
             ("kl_fraction", 0 < self.kl_fraction <= 1, "in (0, 1]"),
             ("replay_mix", 0 <= self.replay_mix <= 1, "in [0, 1]"),
             ("drift_budget", self.drift_budget is None or self.drift_budget > 0, "> 0 (or unset)"),
+            ("drift_probe", self.drift_probe >= 0, ">= 0"),
+            ("drift_probe_every", self.drift_probe_every >= 1, ">= 1"),
             (
                 "drift_budget",
                 self.drift_budget is None or self.resolved_kl_coef() > 0,

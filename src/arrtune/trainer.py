@@ -39,12 +39,14 @@ from transformers.trainer_utils import rotate_checkpoints
 from arrtune.config import TrainConfig
 from arrtune.data.replay import ReplayStream
 from arrtune.errors import ArrtuneError
-from arrtune.lm import base_model, output_head, reference_head, reference_hidden
+from arrtune.lm import adapter_disabled, base_model, output_head, reference_head, reference_hidden
 from arrtune.losses import IGNORE_INDEX, KLTerm, default_chunk_rows, head_losses
 from arrtune.rundir import truncate_metrics, write_manifest
 
 REPLAY_STATE = "replay_state_rank{rank}.json"
 CONTROLLER_STATE = "kl_controller_rank{rank}.json"
+PROBE_TOKENS = 256  # tokens per drift-probe passage: arrtune eval's default for held-out text
+PROBE_BATCH = 1  # drift-probe passages per forward pass (no padding)
 #: the logged loss terms, in the order they are reduced across ranks
 TERMS = ("sft_loss", "replay_loss", "kl")
 
@@ -106,6 +108,30 @@ class KLController:
         self.coef = min(max(self.integral * math.exp(self.gain * error), low), high)
 
 
+class DriftProbe:
+    """Drift on fixed passages, measured as ``arrtune eval`` measures drift on held-out text: the mean over
+    tokens of KL(initial || policy) on each passage's first :data:`PROBE_TOKENS` tokens after BOS, full
+    vocabulary, no dropout, no gradient. The initial model's hidden states are computed on the first
+    measurement and kept, so each later one is one forward pass of the policy."""
+
+    def __init__(self, tokenizer: Any, texts: list[str]) -> None:
+        from arrtune.evaluation.text import encode_passages
+
+        self.tokenizer = tokenizer
+        self.sequences, _ = encode_passages(tokenizer, texts, PROBE_TOKENS)
+        self.base_hidden: list[torch.Tensor] = []
+
+    def measure(self, peft_model: Any) -> float:
+        """The drift of ``peft_model`` (adapter on) from itself with the adapter off, in nats per token."""
+        from arrtune.evaluation.text import score_sequences
+
+        stats = score_sequences(
+            peft_model, self.tokenizer, self.sequences, [1] * len(self.sequences), PROBE_BATCH,
+            base_context=lambda: adapter_disabled(peft_model), base_hidden=self.base_hidden,
+        )  # fmt: skip
+        return stats.mean_kl()
+
+
 @dataclass
 class _Part:
     """SFT or replay rows of one micro-batch, with the weights of their loss terms."""
@@ -153,15 +179,31 @@ class ARRTrainer(Trainer):
         self._last_logged_step = 0
         #: the optimizer step (1-based) whose loss was NaN or inf, once training stopped because of it
         self.nonfinite_step: int | None = None
-        #: the drift-budget controller (None: kl_coef is fixed)
-        self.controller = (
-            KLController(self.kl_coef, self.args.drift_budget)
-            if self.args.drift_budget and self.kl_coef > 0
-            else None
-        )
+        #: the drift-budget controller (None: kl_coef is fixed) and the passages it measures drift on (None:
+        #: it reads the KL of the loss's KL tokens)
+        self.controller: KLController | None = None
+        self.probe: DriftProbe | None = None
+        if self.args.drift_budget and self.kl_coef > 0:
+            texts = self._probe_texts()
+            if texts:
+                self.probe = DriftProbe(self.processing_class, texts)
+                # a clean measurement every drift_probe_every steps: no smoothing, the forecast as many steps ahead
+                horizon = KLController.horizon / self.args.drift_probe_every
+                self.controller = KLController(self.kl_coef, self.args.drift_budget, ema=1.0, horizon=horizon)
+            else:
+                self.controller = KLController(self.kl_coef, self.args.drift_budget)
+        self.probe_kl: float | None = None  # the probe's latest measurement
         self._step_kl: list[float] = []  # KL of this optimizer step's micro-batches, for the controller
         if self.controller is not None:
             self.add_callback(_ControllerStep(self))
+
+    def _probe_texts(self) -> list[str]:
+        """The drift probe's passages: ``drift_probe`` documents of the replay corpus (none without a corpus,
+        and none where the model's weights are sharded, as the probe runs the unwrapped model)."""
+        sharded = self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        if self.args.drift_probe == 0 or self.replay is None or sharded:
+            return []
+        return self.replay.probe_texts(self.args.drift_probe)
 
     # -- the loss ------------------------------------------------------------------------------------
     def _parts(self, inputs: dict[str, torch.Tensor]) -> list[_Part]:
@@ -332,16 +374,26 @@ class ARRTrainer(Trainer):
         return loss
 
     def controller_step(self) -> None:
-        """After an optimizer step: the controller's update with this step's KL, averaged over ranks (every
-        rank gets the same value, so every rank holds the same coefficient). Steps without a KL (kl_every)
-        leave it as it is."""
-        measured = torch.tensor([sum(self._step_kl), float(len(self._step_kl))], dtype=torch.float64,
-                                device=self.args.device)  # fmt: skip
+        """After an optimizer step: the controller's update with the probe's drift (every
+        ``drift_probe_every`` steps) or, without a probe, this step's KL; averaged over ranks (every rank gets
+        the same value, so every rank holds the same coefficient). Steps without a measurement (kl_every, or
+        between two probes) leave it as it is."""
+        values = self._step_kl
+        if self.probe is not None:
+            due = self.state.global_step % self.args.drift_probe_every == 0
+            with self.accelerator.autocast():  # the training precision, as the loss's reference runs
+                values = [self.probe.measure(self.accelerator.unwrap_model(self.model))] if due else []
+        measured = torch.tensor(
+            [sum(values), float(len(values))], dtype=torch.float64, device=self.args.device
+        )
         self._step_kl = []
         if self.args.world_size > 1:
             measured = self.accelerator.reduce(measured, reduction="sum")
         if self.controller is not None and float(measured[1]) > 0:
-            self.controller.update(float(measured[0] / measured[1]))
+            kl = float(measured[0] / measured[1])
+            if self.probe is not None:
+                self.probe_kl = kl
+            self.controller.update(kl)
 
     # -- logging -------------------------------------------------------------------------------------
     def _record(self, **terms: torch.Tensor | None) -> None:
@@ -376,6 +428,8 @@ class ARRTrainer(Trainer):
                 if self.controller.smoothed is not None:
                     logs["kl_smoothed"] = self.controller.smoothed
                     logs["kl_forecast"] = self.controller.forecast
+                if self.probe_kl is not None:
+                    logs["drift_probe"] = self.probe_kl
             logs["step_time_s"] = elapsed / max(self.state.global_step - self._last_logged_step, 1)
             self._last_logged_step = self.state.global_step
             self._terms, self._term_counts, self._sft_tokens = {}, {}, 0

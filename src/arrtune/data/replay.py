@@ -144,6 +144,22 @@ class ReplayStream:
         random.Random(self.seed + epoch).shuffle(order)
         return order[self.rank :: self.world_size]
 
+    def probe_texts(self, n: int) -> list[str]:
+        """``n`` documents to measure drift on, the same on every rank: for a local corpus the last ``n`` of
+        epoch 0's order (replay reaches them only at the end of its first pass over the corpus), for a Hub
+        dataset the first ``n`` of another shuffle (they may also be replayed); none for self-replay."""
+        if self.hub:
+            import datasets
+
+            ds = datasets.load_dataset(self.source, name=self.hf_config, split=self.hf_split, streaming=True)
+            ds = ds.shuffle(seed=self.seed + PROBE_SEED_OFFSET, buffer_size=10_000)
+            return [row[self.text_field] for row in ds.take(n)]
+        if not self.texts or not isinstance(self.texts[0], str):
+            return []
+        order = list(range(len(self.texts)))
+        random.Random(self.seed).shuffle(order)
+        return [self.texts[i] for i in order[len(order) - min(n, len(order)) :]]
+
     def _fill(self, n_tokens: int) -> None:
         empty_epochs = 0
         while len(self.buffer) < n_tokens:
@@ -224,6 +240,9 @@ def pack(tokens: list[int], labelled: list[bool], width: int, pad_token_id: int)
     return {"input_ids": ids, "labels": labels, "attention_mask": attention}
 
 
+PROBE_SEED_OFFSET = 1_000_003  # the shuffle of a Hub dataset's probe documents: seed + this
+
+
 class MixedReplay:
     """Two replay streams packed together: a share ``first_share`` of each batch's tokens from ``first``
     (self-replay), the rest from ``second`` (a corpus). Same interface as :class:`ReplayStream`."""
@@ -231,6 +250,10 @@ class MixedReplay:
     def __init__(self, first: ReplayStream, second: ReplayStream, first_share: float) -> None:
         self.first, self.second, self.first_share = first, second, first_share
         self.rank, self.world_size = first.rank, first.world_size
+
+    def probe_texts(self, n: int) -> list[str]:
+        """The corpus stream's :meth:`ReplayStream.probe_texts` (self-replay has none)."""
+        return self.first.probe_texts(n) or self.second.probe_texts(n)
 
     def batch(self, n_tokens: int, width: int, pad_token_id: int) -> dict[str, torch.Tensor]:
         """The next ``n_tokens`` tokens, ``round(first_share x n_tokens)`` of them from the first stream."""
