@@ -57,13 +57,16 @@ def test_controller_rule() -> None:
     assert idle.coef == pytest.approx(1e-4)
 
 
-@pytest.mark.parametrize("start", [0.3, 3000.0])  # 100x below and above the coefficient that holds the budget
+# 100x below and above the coefficient that holds the budget; measured on the probe (default) and, from below,
+# on the loss's own KL tokens (drift_probe 0)
+@pytest.mark.parametrize(("start", "probe"), [(0.3, 4), (3000.0, 4), (0.3, 0)])
 def test_closed_loop_reaches_the_budget_from_far_off(
-    start: float, tiny_model_dir: Path, tmp_path: Path
+    start: float, probe: int, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    run = train(load_config(None, _args(tiny_model_dir, tmp_path / "run", start, 150)))
+    run = train(load_config(None, _args(tiny_model_dir, tmp_path / "run", start, 150, drift_probe=probe)))
     records = _records(run)
     assert len(records) == 150 and all(r["drift_budget"] == BUDGET for r in records)
+    assert all(("drift_probe" in r) == bool(probe) for r in records[1:])
     final = records[-1]["kl_smoothed"]
     assert BUDGET * 0.5 <= final <= BUDGET * 1.5, final
     # it moved the coefficient towards the right range (about 30), from either side
@@ -90,3 +93,32 @@ def test_a_budget_needs_a_kl() -> None:
         load_config(None, ["method=replay", "drift_budget=0.1"])
     with pytest.raises(ArrtuneError, match="drift_budget=-0.1 must be > 0"):
         load_config(None, ["drift_budget=-0.1"])
+
+
+def test_probe_reads_the_drift_arrtune_eval_measures(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The probe's last reading equals KL(initial || trained) per token, computed here from full logits, on the
+    last drift_probe documents of the replay corpus's epoch-0 order (first 256 tokens after BOS)."""
+    import torch
+    from peft import PeftModel
+
+    from arrtune.data.replay import ReplayStream
+    from arrtune.models import load_model, load_tokenizer
+
+    run = train(load_config(None, _args(tiny_model_dir, tmp_path / "run", 30.0, 6, drift_probe=3)))
+    reading = _records(run)[-1]["drift_probe"]
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    stream = ReplayStream("builtin", tokenizer, seed=0)
+    texts = [stream.texts[i] for i in stream.document_ids(epoch=0)[-3:]]
+    model = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), run / "adapter").eval()
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([[start] + tokenizer(text, add_special_tokens=False)["input_ids"][:256]])
+            logp = model(ids).logits[0, :-1].float().log_softmax(-1)
+            with model.disable_adapter():
+                logq = model(ids).logits[0, :-1].float().log_softmax(-1)
+            total += float((logq.exp() * (logq - logp)).sum())
+            tokens += ids.shape[1] - 1
+    assert reading > 1e-6
+    assert reading == pytest.approx(total / tokens, rel=1e-3)
