@@ -3,9 +3,10 @@
 Reads the evaluated runs of ``arrtune compare`` directories per task (``task=dir1,dir2``), groups the seeds of
 each setting (as ``benchmarks/frontier.py`` does), and prints, per task:
 
-- each budget's KL as the controller measured it at the last step (smoothed, on the training batches' KL
-  tokens), and its drift after training on held-out Wikipedia paragraphs (the same kind of text as the replay
-  corpus, on which the controller measures the KL) and on held-out book passages (another domain), mean and
+- each budget's drift as the controller measured it at the last step (the drift probe's reading, or the smoothed
+  KL of the training batches' KL tokens with ``drift_probe: 0``), and its drift after training on held-out
+  Wikipedia paragraphs (the same kind of text as the replay corpus, whose set-aside documents the probe
+  measures) and on held-out book passages (another domain), mean and
   standard deviation over seeds, and the ratio of the mean to the budget (the target: within ±25%);
 - the drift-vs-exact-match frontier: each budget setting's exact match minus the fixed-``kl_coef`` sweep's,
   interpolated linearly between the sweep's two settings whose mean drift brackets the budget run's.
@@ -35,7 +36,8 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def controller_kl(run_dir: Path) -> float | None:
-    """The controller's smoothed KL (on the training batches' KL tokens) at the run's last step."""
+    """The controller's reading at the run's last step (``kl_smoothed``: the probe's drift, or the smoothed KL of
+    the training batches' KL tokens without a probe)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
@@ -89,7 +91,7 @@ def _versus_sweep(row: dict, sweep: list[dict]) -> dict:
 
 def table(task: str, budgets: list[dict], sweep: list[dict]) -> str:
     lines = [f"### {task}", "",
-             "| setting | seeds | training KL at the end | drift wiki | ÷ budget | drift books | ÷ budget | task EM |"
+             "| setting | seeds | controller's reading at the end | drift wiki | ÷ budget | drift books | ÷ budget | task EM |"
              " EM − sweep at same drift |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in budgets:
@@ -165,7 +167,7 @@ def main() -> None:
     own = sum(abs(r["ratio_controller"] - 1) <= TOLERANCE for r in cells)
     print(f"budget held (mean drift on held-out wiki within ±{TOLERANCE:.0%}): "
           f"{sum(r['held'] for r in cells)} of {len(cells)} task x budget cells; on held-out books {books} of"
-          f" {len(cells)}; the controller's own KL at the last step {own} of {len(cells)}")  # fmt: skip
+          f" {len(cells)}; the controller's own reading at the last step {own} of {len(cells)}")  # fmt: skip
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "budget.json").write_text(json.dumps(results, indent=1))
