@@ -11,6 +11,8 @@ checkpointing are the Trainer's. This class only:
   the KL, keeping only its final hidden states;
 * computes CE and KL from the final hidden states in chunks (:func:`arrtune.losses.head_losses`), so no
   ``B x T x V`` logits block is built, and logs each term (averaged over ranks);
+* with a ``drift_budget``, adapts ``kl_coef`` after every optimizer step (:class:`KLController`) from the drift
+  on a few set-aside replay documents (:class:`DriftProbe`) or from the loss's own KL;
 * stops at the first non-finite loss, on every rank, and never checkpoints the diverged model;
 * saves the replay stream position of every rank with each checkpoint, and writes checkpoints atomically.
 
