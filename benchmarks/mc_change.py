@@ -1,0 +1,42 @@
+"""Each run's change in mean multiple-choice accuracy against the base, with its paired standard error.
+
+Reads the ``eval.json`` of every run of an ``arrtune compare`` directory. The change is the mean over benchmarks
+of (adapted - base) accuracy on the same items; its standard error combines the per-benchmark paired variances.
+Used to check that a study's benchmarks resolve a one-point change (docs/study.md).
+
+    python benchmarks/mc_change.py runs/study_keywords
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def mc_change(eval_json: dict) -> tuple[float, float]:
+    """(change, paired standard error) of the mean accuracy over the evaluation's benchmarks, in points."""
+    means, variance = [], 0.0
+    benchmarks = eval_json["config"]["benchmarks"]
+    for name in benchmarks:
+        base = eval_json["per_item"]["base"][f"{name}/acc"]
+        adapted = eval_json["per_item"]["adapted"][f"{name}/acc"]
+        diffs = [a - b for a, b in zip(adapted, base)]
+        mean = sum(diffs) / len(diffs)
+        means.append(mean)
+        variance += sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)
+    return 100 * sum(means) / len(means), 100 * math.sqrt(variance) / len(benchmarks)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("compare_dir")
+    args = parser.parse_args()
+    for run in sorted(Path(args.compare_dir, "runs").iterdir()):
+        change, stderr = mc_change(json.loads((run / "eval.json").read_text()))
+        print(f"{run.name}: {change:+.1f} ± {stderr:.1f} points")
+
+
+if __name__ == "__main__":
+    main()
