@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("compare_dir")
     args = parser.parse_args()
     for run in sorted(Path(args.compare_dir, "runs").iterdir()):
+        if not (run / "eval.json").is_file():
+            continue
         change, stderr = mc_change(json.loads((run / "eval.json").read_text()))
         print(f"{run.name}: {change:+.1f} ± {stderr:.1f} points")
 
