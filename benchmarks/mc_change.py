@@ -14,19 +14,19 @@ import json
 import math
 from pathlib import Path
 
+from arrtune.evaluation._common import paired_stderr
+
 
 def mc_change(eval_json: dict) -> tuple[float, float]:
     """(change, paired standard error) of the mean accuracy over the evaluation's benchmarks, in points."""
-    means, variance = [], 0.0
+    changes, variance = [], 0.0
     benchmarks = eval_json["config"]["benchmarks"]
     for name in benchmarks:
         base = eval_json["per_item"]["base"][f"{name}/acc"]
         adapted = eval_json["per_item"]["adapted"][f"{name}/acc"]
-        diffs = [a - b for a, b in zip(adapted, base)]
-        mean = sum(diffs) / len(diffs)
-        means.append(mean)
-        variance += sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)
-    return 100 * sum(means) / len(means), 100 * math.sqrt(variance) / len(benchmarks)
+        changes.append(sum(adapted) / len(adapted) - sum(base) / len(base))
+        variance += paired_stderr(base, adapted) ** 2
+    return 100 * sum(changes) / len(changes), 100 * math.sqrt(variance) / len(benchmarks)
 
 
 def main() -> None:

@@ -133,16 +133,18 @@ class ReplayStream:
             ds.set_epoch(self.epoch)
             ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
             return (row[self.text_field] for row in ds.skip(self.docs_consumed))
-        order = list(range(len(self.texts)))
-        random.Random(self.seed + self.epoch).shuffle(order)
-        mine = order[self.rank :: self.world_size]
+        mine = self.document_ids(self.epoch)
         return (self.texts[i] for i in mine[self.docs_consumed :])
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """Indices of the whole local corpus in ``epoch``'s shuffled order (the same on every rank)."""
+        order = list(range(len(self.texts)))
+        random.Random(self.seed + epoch).shuffle(order)
+        return order
 
     def document_ids(self, epoch: int = 0) -> list[int]:
         """Indices (into the local corpus) that this rank reads in ``epoch``; for tests and inspection."""
-        order = list(range(len(self.texts)))
-        random.Random(self.seed + epoch).shuffle(order)
-        return order[self.rank :: self.world_size]
+        return self._epoch_order(epoch)[self.rank :: self.world_size]
 
     def probe_texts(self, n: int) -> list[str]:
         """``n`` documents to measure drift on, the same on every rank: for a local corpus the last ``n`` of
@@ -156,8 +158,7 @@ class ReplayStream:
             return [row[self.text_field] for row in ds.take(n)]
         if not self.texts or not isinstance(self.texts[0], str):
             return []
-        order = list(range(len(self.texts)))
-        random.Random(self.seed).shuffle(order)
+        order = self._epoch_order(0)
         return [self.texts[i] for i in order[len(order) - min(n, len(order)) :]]
 
     def _fill(self, n_tokens: int) -> None:
