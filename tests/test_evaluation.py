@@ -358,7 +358,10 @@ def test_results_are_deterministic(tiny):
     assert a["model"] == b["model"] and a["task_examples"] == b["task_examples"]
 
 
-def test_left_padded_batched_generation_matches_one_by_one(tiny):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_left_padded_batched_generation_matches_one_by_one(tiny, cache):
+    """Batched greedy answers equal one-by-one answers, with transformers' dynamic cache and with a static one
+    (the kind ``generate`` uses on CUDA), so left padding is handled by both."""
     model, tok = tiny
     with torch.no_grad():  # sharpen the random model so that its greedy answers depend on the prompt
         for name, param in model.named_parameters():
@@ -367,9 +370,9 @@ def test_left_padded_batched_generation_matches_one_by_one(tiny):
     prompts = [
         question_prompt_ids(tok, q) for q in ("Hi", "What breed of dog was Lassie, the film star?", "Why?")
     ]
-    batched = generate(model, tok, prompts, max_new_tokens=5, batch_size=3)
+    batched = generate(model, tok, prompts, max_new_tokens=5, batch_size=3, cache=cache)
     assert len({tuple(a) for a in batched}) == 3  # answers differ, so padding mistakes would show
-    assert batched == generate(model, tok, prompts, max_new_tokens=5, batch_size=1)
+    assert batched == generate(model, tok, prompts, max_new_tokens=5, batch_size=1, cache="dynamic")
 
 
 def test_task_response_tokens_match_training_labels(tiny):

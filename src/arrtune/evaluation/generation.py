@@ -24,12 +24,14 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import CompileConfig, GenerationConfig
 
 from arrtune.evaluation._common import batched, eval_mode, prefix_token_id
 from arrtune.lm import base_model, chat_template_ids
 
 WORD_RE = re.compile(r"[^\W\d_]+")
+#: key/value caches :func:`generate` can use
+CACHE_KINDS = ("dynamic", "static", "static-compiled")
 
 
 def question_prompt_ids(tokenizer, question: str) -> list[int]:
@@ -55,18 +57,38 @@ def generate(
     desc: str = "generate",
     temperature: float = 0.0,
     top_p: float = 1.0,
+    cache: str = "auto",
 ) -> list[list[int]]:
     """Continuations of tokenized prompts (left-padded batches, longest first), greedy, or sampled when
     ``temperature`` > 0 (nucleus ``top_p``); each result ends at and includes the first EOS token when one was
-    generated."""
+    generated.
+
+    ``cache``: transformers' ``"dynamic"`` key/value cache, a ``"static"`` one (allocated at full length, so
+    every decoding step has the same shapes and ``generate`` compiles the forward on accelerators), or
+    ``"static-compiled"`` (compiled on any device); ``"auto"`` is static on CUDA and dynamic elsewhere, where
+    static shapes were slower (``benchmarks/generation_speed.py``, docs/self_replay.md)."""
+    device = next(base_model(model).parameters()).device
+    if cache == "auto":
+        cache = "static" if device.type == "cuda" else "dynamic"
+    if cache not in CACHE_KINDS:
+        raise ValueError(f"cache: {cache!r}, expected one of {', '.join(CACHE_KINDS)} or 'auto'")
     eos = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {
         "do_sample": False}  # fmt: skip
+    static = {"cache_implementation": "static"} if cache.startswith("static") else {}
+    if cache == "static-compiled":
+        compile_config = CompileConfig(fullgraph=False)
+        compile_config._compile_all_devices = True  # transformers compiles only on accelerators by default
+        static["compile_config"] = compile_config
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, num_beams=1, eos_token_id=eos, pad_token_id=pad_id, **sampling
+        max_new_tokens=max_new_tokens,
+        num_beams=1,
+        eos_token_id=eos,
+        pad_token_id=pad_id,
+        **sampling,
+        **static,
     )
-    device = next(base_model(model).parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     outputs: list[list[int]] = [[] for _ in prompts]
     with eval_mode(model), tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False) as bar:
