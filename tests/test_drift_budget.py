@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from arrtune.budget import KLController
 from arrtune.config import load_config
 from arrtune.errors import ArrtuneError
 from arrtune.recipe import train
 from arrtune.testing import copy_run
-from arrtune.trainer import KLController
 
 BUDGET = 0.005  # nats per replay token; with these settings a fixed kl_coef of about 30 holds it
 

@@ -304,3 +304,51 @@ def final_step(checkpoint: str | None) -> int | None:
 def checkpoint_step(checkpoint: str | None) -> int | None:
     """The step of a ``checkpoint-N`` directory (None for no checkpoint)."""
     return None if checkpoint is None else int(Path(checkpoint).name.rsplit("-", 1)[1])
+
+
+class StagedCheckpoints:
+    """A ``transformers.Trainer`` mixin (``class T(StagedCheckpoints, Trainer)``): each checkpoint is written
+    into ``<output_dir>/.staging/``, completed there by :meth:`write_checkpoint_state` (state the Trainer does
+    not save; called on every rank) and a manifest, then renamed into place, so a process killed at any moment
+    leaves only whole checkpoints behind. :meth:`may_checkpoint` false skips a save."""
+
+    def may_checkpoint(self) -> bool:
+        return True
+
+    def write_checkpoint_state(self, directory: Path) -> None:
+        """Add to the staged checkpoint ``directory``; called on every rank (collectives allowed)."""
+
+    def _get_output_dir(self, trial: Any) -> str:
+        staging = getattr(self, "_staging_dir", None)
+        return staging if staging is not None else super()._get_output_dir(trial)  # type: ignore[misc]
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        from transformers.trainer_utils import rotate_checkpoints
+
+        if not self.may_checkpoint():
+            return
+        trainer: Any = self
+        root = trainer.args.output_dir
+        staging = os.path.join(root, ".staging")
+        name = f"checkpoint-{trainer.state.global_step}"
+        if trainer.args.should_save and os.path.exists(os.path.join(staging, name)):
+            shutil.rmtree(os.path.join(staging, name))
+        trainer.accelerator.wait_for_everyone()
+        self._staging_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        finally:
+            self._staging_dir = None
+        self.write_checkpoint_state(Path(staging, name))
+        if trainer.args.should_save:
+            write_manifest(os.path.join(staging, name))  # last: a checkpoint with a valid manifest is whole
+        trainer.accelerator.wait_for_everyone()
+        if trainer.args.should_save:
+            final = os.path.join(root, name)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            rotate_checkpoints(
+                output_dir=root, save_total_limit=trainer.args.save_total_limit, use_mtime=False
+            )
+        trainer.accelerator.wait_for_everyone()

@@ -11,10 +11,11 @@ checkpointing are the Trainer's. This class only:
   the KL, keeping only its final hidden states;
 * computes CE and KL from the final hidden states in chunks (:func:`arrtune.losses.head_losses`), so no
   ``B x T x V`` logits block is built, and logs each term (averaged over ranks);
-* with a ``drift_budget``, adapts ``kl_coef`` after every optimizer step (:class:`KLController`) from the drift
-  on a few set-aside replay documents (:class:`DriftProbe`) or from the loss's own KL;
+* with a ``drift_budget``, adapts ``kl_coef`` after every optimizer step (:mod:`arrtune.budget`) from the
+  drift on a few set-aside replay documents or from the loss's own KL;
 * stops at the first non-finite loss, on every rank, and never checkpoints the diverged model;
-* saves the replay stream position of every rank with each checkpoint, and writes checkpoints atomically.
+* saves the replay stream position of every rank with each checkpoint (written atomically by
+  :class:`arrtune.rundir.StagedCheckpoints`).
 
 The objective per micro-batch: ``mean CE(SFT label tokens) + replay_weight * mean CE(replay tokens)
 + kl_coef * mean KL(KL tokens)``, the means over all tokens of the micro-batch whatever pass they are in.
@@ -26,7 +27,6 @@ import inspect
 import json
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -36,102 +36,19 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType, gather_object
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import rotate_checkpoints
 
+from arrtune.budget import DriftProbe, KLController
 from arrtune.config import TrainConfig
 from arrtune.data.replay import ReplayStream
 from arrtune.errors import ArrtuneError
-from arrtune.lm import adapter_disabled, base_model, output_head, reference_head, reference_hidden
+from arrtune.lm import base_model, output_head, reference_head, reference_hidden
 from arrtune.losses import IGNORE_INDEX, KLTerm, default_chunk_rows, head_losses
-from arrtune.rundir import truncate_metrics, write_manifest
+from arrtune.rundir import StagedCheckpoints, truncate_metrics
 
 REPLAY_STATE = "replay_state_rank{rank}.json"
 CONTROLLER_STATE = "kl_controller_rank{rank}.json"
-PROBE_TOKENS = 256  # tokens per drift-probe passage: arrtune eval's default for held-out text
-PROBE_BATCH = 1  # drift-probe passages per forward pass (no padding)
 #: the logged loss terms, in the order they are reduced across ranks
 TERMS = ("sft_loss", "replay_loss", "kl")
-
-
-@dataclass
-class KLController:
-    """Holds the KL at a budget by adapting its coefficient (a Lagrange multiplier, by dual ascent).
-
-    After every optimizer step whose KL was measured, with ``kl`` the step's KL averaged over its micro-batches
-    and all ranks (the same value on every rank):
-
-        smoothed  <- (1 - ema) * smoothed + ema * kl                 (the first nonzero measurement: kl)
-        growth    <- (1 - ema) * growth + ema * clip(log(smoothed / previous smoothed), -log 2, log 2)
-        forecast  <- smoothed * exp(horizon * growth)               (the KL ``horizon`` steps ahead)
-        error     <- clip(log(forecast / budget), -2, 2); 0 if < 0 while the KL grows (or growth unknown)
-        log(integral) <- log(integral) + rate * error         (starts at the starting coefficient)
-        log(coef) <- log(integral) + gain * error
-
-    Steps are multiplicative and symmetric in log space. The integral is PPO's adaptive-KL rule (Ziegler et
-    al. 2019) in log space, at most x e^(2 rate) = 1.8 per step; the coefficient adds a proportional term (up
-    to e^(2 gain) = 7.4x the integral at once) and a derivative one, the forecast: a PID Lagrangian (Stooke et
-    al. 2020). Built for short runs, where the drift has momentum (Adam's moments, the drift already
-    accumulated) and is slow to undo: it acts on the KL forecast ``horizon`` steps ahead from its smoothed
-    growth rate (so it raises the coefficient while a fast-rising KL is still below the budget), and it never
-    lowers the coefficient while the KL is growing (anti-windup: at the start of a run the adapter is zero and
-    the KL is near 0 whatever the coefficient, which says nothing about the coefficient the budget needs).
-    The coefficient is kept within 1e-4..1e4 x its starting value (docs/drift_budget.md).
-    """
-
-    coef: float
-    budget: float
-    rate: float = 0.3
-    gain: float = 1.0
-    ema: float = 0.25
-    horizon: float = 4.0
-    integral: float | None = None
-    smoothed: float | None = None
-    growth: float | None = None
-    forecast: float | None = None
-    start: float | None = None
-
-    def update(self, kl: float) -> None:
-        """One step of the controller with the step's measured (global) KL."""
-        self.start = self.coef if self.start is None else self.start
-        previous = self.smoothed
-        if previous is None and kl <= 0:
-            return  # the adapter has not moved yet (LoRA starts at zero): no information
-        self.smoothed = kl if previous is None else (1 - self.ema) * previous + self.ema * kl
-        if previous is not None and previous > 0 and self.smoothed > 0:
-            step = max(-math.log(2), min(math.log(2), math.log(self.smoothed / previous)))
-            self.growth = step if self.growth is None else (1 - self.ema) * self.growth + self.ema * step
-        growth = self.growth or 0.0
-        self.forecast = self.smoothed * math.exp(self.horizon * growth)
-        error = max(-2.0, min(2.0, math.log(max(self.forecast, 1e-12) / self.budget)))
-        if error < 0 and (self.growth is None or growth > 0):
-            error = 0.0  # below the budget but rising (or not known yet): do not relax the constraint
-        low, high = self.start * 1e-4, self.start * 1e4
-        self.integral = min(max((self.integral or self.start) * math.exp(self.rate * error), low), high)
-        self.coef = min(max(self.integral * math.exp(self.gain * error), low), high)
-
-
-class DriftProbe:
-    """Drift on fixed passages, measured as ``arrtune eval`` measures drift on held-out text: the mean over
-    tokens of KL(initial || policy) on each passage's first :data:`PROBE_TOKENS` tokens after BOS, full
-    vocabulary, no dropout, no gradient. The initial model's hidden states are computed on the first
-    measurement and kept, so each later one is one forward pass of the policy."""
-
-    def __init__(self, tokenizer: Any, texts: list[str]) -> None:
-        from arrtune.evaluation.text import encode_passages
-
-        self.tokenizer = tokenizer
-        self.sequences, _ = encode_passages(tokenizer, texts, PROBE_TOKENS)
-        self.base_hidden: list[torch.Tensor] = []
-
-    def measure(self, peft_model: Any) -> float:
-        """The drift of ``peft_model`` (adapter on) from itself with the adapter off, in nats per token."""
-        from arrtune.evaluation.text import score_sequences
-
-        stats = score_sequences(
-            peft_model, self.tokenizer, self.sequences, [1] * len(self.sequences), PROBE_BATCH,
-            base_context=lambda: adapter_disabled(peft_model), base_hidden=self.base_hidden,
-        )  # fmt: skip
-        return stats.mean_kl()
 
 
 @dataclass
@@ -150,7 +67,7 @@ class _Part:
     n_kl_targets: int = 0  # label tokens of the KL rows (their share of the KL's denominator)
 
 
-class ARRTrainer(Trainer):
+class ARRTrainer(StagedCheckpoints, Trainer):
     """``transformers.Trainer`` with the ARR loss: SFT CE + replay_weight x replay CE + kl_coef x KL."""
 
     args: TrainConfig
@@ -443,50 +360,25 @@ class ARRTrainer(Trainer):
                 self.nonfinite_step = self.state.global_step
         super().log(logs, start_time)
 
-    # -- checkpoints ---------------------------------------------------------------------------------
-    def _get_output_dir(self, trial: Any) -> str:  # type: ignore[override]
-        staging = getattr(self, "_staging_dir", None)
-        return staging if staging is not None else super()._get_output_dir(trial)
+    # -- what a checkpoint adds to the Trainer's (staging and renaming: rundir.StagedCheckpoints) ----------
+    def may_checkpoint(self) -> bool:
+        return self.nonfinite_step is None  # never checkpoint a diverged model
 
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:  # type: ignore[override]
-        """Write the checkpoint in a staging directory, add the replay position, then rename it into place."""
-        if self.nonfinite_step is not None:
-            return  # never checkpoint a diverged model
-        root = self.args.output_dir
-        staging = os.path.join(root, ".staging")
-        name = f"checkpoint-{self.state.global_step}"
-        if self.args.should_save and os.path.exists(os.path.join(staging, name)):
-            shutil.rmtree(os.path.join(staging, name))
-        self.accelerator.wait_for_everyone()
-        self._staging_dir = staging
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_dir = None
-        if self.replay is not None:  # every rank's position, written by the main process
+    def write_checkpoint_state(self, directory: Path) -> None:
+        """Every rank's replay position and drift-budget controller (the same on all ranks), written by the
+        main process."""
+        if self.replay is not None:
             states = gather_object([self.replay.state_dict()])
             if self.args.should_save:
                 for state in states:
-                    path = Path(staging, name, REPLAY_STATE.format(rank=state["rank"]))
+                    path = directory / REPLAY_STATE.format(rank=state["rank"])
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(state))
-        if (
-            self.controller is not None
-        ):  # every rank's multiplier (the same on all ranks), written by the main
+        if self.controller is not None:
             states = gather_object([asdict(self.controller)])
             if self.args.should_save:
                 for rank, state in enumerate(states):
-                    Path(staging, name, CONTROLLER_STATE.format(rank=rank)).write_text(json.dumps(state))
-        if self.args.should_save:
-            write_manifest(os.path.join(staging, name))  # last: a checkpoint with a valid manifest is whole
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            final = os.path.join(root, name)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(os.path.join(staging, name), final)
-            rotate_checkpoints(output_dir=root, save_total_limit=self.args.save_total_limit, use_mtime=False)
-        self.accelerator.wait_for_everyone()
+                    (directory / CONTROLLER_STATE.format(rank=rank)).write_text(json.dumps(state))
 
     def load_replay_state(self, checkpoint: str) -> None:
         """Restore this rank's replay stream position (and the step bookkeeping) from a checkpoint directory."""
