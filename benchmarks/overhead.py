@@ -4,7 +4,8 @@ Methods: sft, kl, replay, arr; ``arr-copy``, ARR with the KL reference held as a
 of the model (the common approach in other trainers); and ``sft-hf``, the plain transformers step
 (``model(**batch).loss`` with full logits), for context. For each model and precision one worker process
 builds the LoRA model once and runs every method's optimizer step in turn, round after round (one warm-up
-round, then ``--steps`` timed rounds), so drifts in this machine's speed hit all methods alike. A step is
+round, then ``--steps`` timed rounds; each round starts one method later than the last), so drifts in this
+machine's speed, and what ran just before, hit all methods alike. A step is
 arrtune's real training code: ``ARRTrainer.training_step`` (both passes with their backward, under the
 Trainer's own autocast) plus the AdamW step. It reports the median step time and SFT tokens/s, each also
 as a ratio to ``sft``.
@@ -169,8 +170,9 @@ SETTINGS = {"sft-hf": (0, 0, 1), "sft": (0, 0, 1), "kl": (0.1, 0, 1), "replay": 
 def worker(args: argparse.Namespace) -> None:
     """Measure ``args.methods`` on one model and precision in this process and print one JSON line each.
 
-    Timing mode: every method's step runs in turn, round after round (after one warm-up round), so drifts
-    of this machine's speed hit all methods alike; the median per method is reported. Memory mode
+    Timing mode: every method's step runs in turn, round after round (after one warm-up round), each round
+    starting one method later than the last, so drifts of this machine's speed, and the order, hit all
+    methods alike; the median per method is reported. Memory mode
     (``--memory``, one method): one step, then the peak memory.
     """
 
@@ -258,7 +260,10 @@ def worker(args: argparse.Namespace) -> None:
     reset_peak_rss()  # the peak of the steps, not of building or loading the model
     times: dict[str, list[float]] = {m: [] for m in args.methods}
     for round_ in range(args.warmup + args.steps):
-        for method in args.methods:
+        # each round starts one method later, so that no method always follows the same one: a step's time
+        # depends on what ran before it (memory the previous step freed or kept), by up to ~10% on CPU
+        shift = round_ % len(args.methods)
+        for method in args.methods[shift:] + args.methods[:shift]:
             elapsed = step(method)
             if round_ >= args.warmup:
                 times[method].append(elapsed)
