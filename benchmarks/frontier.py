@@ -9,13 +9,15 @@ loss needs it, and the reference's no-grad forward (2 FLOPs per parameter and po
 carry the KL, the same accounting as ``benchmarks/overhead.py``'s FLOP floor, on the grid's own data and
 batch size. ``kl_coef`` does not change the cost.
 
-The rule for the default: among the ARR settings with corpus replay and at least two seeds, the cheapest one whose retention (books
-drift and chat KL) is within one standard error of the best setting's, and whose task exact match is within
-one paired standard error (seeds x items, same seeds) of plain SFT's; when no setting's is, within one paired
-standard error of the setting with the highest exact match. Standard errors of retention come from
-the spread over seeds: ``sqrt(sd_a^2 / n_a + sd_b^2 / n_b)``.
+The rule: among the ARR settings with corpus replay and at least two seeds, the cheapest one whose retention
+(books drift and chat KL) is within one standard error of the best setting's (or, with ``--reference NAME``,
+of that setting's), and whose task exact match is within one paired standard error (seeds x items, same
+seeds) of plain SFT's; when no setting's is, within one paired standard error of the setting with the highest
+exact match. Standard errors of retention come from the spread over seeds: ``sqrt(sd_a^2 / n_a + sd_b^2 /
+n_b)``. Both choices are printed when ``--reference`` is given.
 
-    python benchmarks/frontier.py runs/study_vornish runs/study --plot docs/study/evidence_vornish/frontier.png
+    python benchmarks/frontier.py runs/study runs/study_vornish runs/study_frontier --reference arr-corpus \
+        --plot docs/study/evidence_vornish/frontier.png --json docs/study/evidence_vornish/frontier.json
 """
 
 from __future__ import annotations
@@ -149,12 +151,15 @@ def paired_em_se(groups: dict[str, dict], a: str, b: str) -> tuple[float, float]
     return m, math.sqrt(sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
 
 
-def choose(groups: dict[str, dict], rows: dict[str, dict], sft: str = "sft") -> tuple[str | None, list[str]]:
-    """The default by the rule in the module docstring, and one line of reasoning per candidate."""
+def choose(groups: dict[str, dict], rows: dict[str, dict], sft: str = "sft",
+           reference: str | None = None) -> tuple[str | None, list[str]]:  # fmt: skip
+    """The default by the rule in the module docstring, and one line of reasoning per candidate; with
+    ``reference`` (a setting's name), retention is compared with that setting's instead of the best's."""
     candidates = [n for n, g in groups.items() if g["config"].get("method") == "arr" and len(g["runs"]) > 1
                   and float(g["config"].get("replay_mix") or 0) == 0 and g["config"].get("replay") == "builtin"
                   and not g["config"].get("drift_budget")]  # fmt: skip
-    best = {k: min(candidates, key=lambda n: rows[n][k]) for k in RETENTION}
+    best = {k: reference or min(candidates, key=lambda n: rows[n][k]) for k in RETENTION}
+    label = "reference" if reference else "best"
     # plasticity: within one paired standard error of plain SFT's exact match; when no candidate is, of the
     # candidate with the highest exact match
     near_sft = [n for n in candidates if (lambda d, se: d >= -se)(*paired_em_se(groups, sft, n))]
@@ -172,7 +177,7 @@ def choose(groups: dict[str, dict], rows: dict[str, dict], sft: str = "sft") -> 
             )
             within = rows[name][key] - rows[b][key] <= se
             ok &= within
-            why.append(f"{key} {rows[name][key]:.3f} vs best {rows[b][key]:.3f} ({b}) ± {se:.3f}: "
+            why.append(f"{key} {rows[name][key]:.3f} vs {label} {rows[b][key]:.3f} ({b}) ± {se:.3f}: "
                        f"{'within' if within else 'beyond'}")  # fmt: skip
         diff, se = paired_em_se(groups, em_ref, name) if name != em_ref else (0.0, 0.0)
         within = diff >= -se
@@ -193,6 +198,8 @@ def main() -> None:
     )
     parser.add_argument("--plot", help="write the frontier plot here (PNG)")
     parser.add_argument("--json", help="write the per-setting summary here")
+    parser.add_argument("--reference", help="compare retention with this setting (a name in the table) "
+                        "instead of the best setting's")  # fmt: skip
     args = parser.parse_args()
     groups = load_groups([Path(d) for d in args.directory])
     first = next(iter(groups.values()))["config"]
@@ -209,10 +216,20 @@ def main() -> None:
         cells = [f"{row[k]:.3f} ± {row[k + '_sd']:.3f}" if k in row else "" for k in SHOWN]
         print(f"| {name} | {row['n']} | {row['cost']:.2f} | " + " | ".join(cells) + " |")
     chosen, notes = choose(groups, rows)
-    print("\n" + "\n".join(notes))
-    print(f"\nchosen default: {chosen}")
+    print("\nretention within one standard error of the best setting's:\n" + "\n".join(notes))
+    print(f"chosen: {chosen}")
+    summary = {"rows": rows, "chosen": chosen, "notes": notes}
+    if args.reference:
+        if args.reference not in rows:
+            raise SystemExit(f"--reference: no setting named {args.reference!r}; settings: {', '.join(rows)}")
+        chosen, notes = choose(groups, rows, reference=args.reference)
+        print(f"\nretention within one standard error of {args.reference}'s:\n" + "\n".join(notes))
+        print(f"chosen: {chosen}")
+        summary.update(
+            {"reference": args.reference, "chosen_vs_reference": chosen, "notes_vs_reference": notes}
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "chosen": chosen, "notes": notes}, indent=1))
+        Path(args.json).write_text(json.dumps(summary, indent=1))
     if args.plot:
         import matplotlib
 
