@@ -46,3 +46,8 @@ def test_reference_is_the_model_with_its_adapter_off() -> None:
     ref = reference_hidden(peft_model, ids, torch.ones_like(ids))
     torch.testing.assert_close(ref, off)
     assert not torch.allclose(ref, on)
+    with peft_model.disable_adapter():  # PEFT's own context gives the same initial model
+        torch.testing.assert_close(base_model(peft_model).get_decoder()(input_ids=ids).last_hidden_state, off)
+    # and after either context the adapter is on and trainable again
+    torch.testing.assert_close(base_model(peft_model).get_decoder()(input_ids=ids).last_hidden_state, on)
+    assert all(p.requires_grad for n, p in peft_model.named_parameters() if "lora_" in n)

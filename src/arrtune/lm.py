@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -35,12 +35,39 @@ def base_model(model: Any) -> Any:
 
 @contextmanager
 def adapter_disabled(model: Any) -> Iterator[None]:
-    """Run the wrapped network as the initial model (PEFT adapter off); a no-op for plain models."""
-    if hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
+    """Run the wrapped network as the initial model (PEFT adapter off); a no-op for plain models.
+
+    For LoRA-style adapters this switches the adapter layers off and back on as ``PeftModel.disable_adapter()``
+    does (``enable_adapters`` on each), without that context's model-status scan over every parameter, which
+    took two thirds of its 34 ms per call on SmolLM2; the KL's reference enters it on every micro-batch."""
+    layers = _adapter_layers(model)
+    if layers is None:
+        with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
             yield
-    else:
+        return
+    enabled = [not layer.disable_adapters for layer in layers]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
         yield
+    finally:
+        for layer, on in zip(layers, enabled):
+            if on:
+                layer.enable_adapters(True)
+
+
+def _adapter_layers(model: Any) -> list[Any] | None:
+    """The layers ``PeftModel.disable_adapter()`` switches for a LoRA-style adapter; None for anything else
+    (plain models, prompt-learning adapters, a PEFT version without these classes)."""
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    if config is None or config.is_prompt_learning or config.is_adaption_prompt:
+        return None
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+    except ImportError:
+        return None
+    return [m for m in model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
 
 
 def _text_config(model: Any) -> Any:
