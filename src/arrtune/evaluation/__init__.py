@@ -5,6 +5,7 @@ from arrtune.evaluation.benchmarks import BENCHMARKS, MCItem, load_benchmark, lo
 from arrtune.evaluation.runner import (
     DEFAULT_BENCHMARKS,
     EvalConfig,
+    EvalResult,
     check_eval_inputs,
     evaluate,
     evaluate_model_pair,
@@ -22,6 +23,7 @@ __all__ = [
     "BENCHMARKS",
     "DEFAULT_BENCHMARKS",
     "EvalConfig",
+    "EvalResult",
     "check_eval_inputs",
     "MCItem",
     "MCResult",

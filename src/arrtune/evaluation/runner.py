@@ -40,7 +40,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from arrtune.atomic import write_atomic
 from arrtune.errors import ArrtuneError
@@ -60,6 +60,25 @@ from arrtune.evaluation.generation import (
 from arrtune.evaluation.scoring import score_items
 from arrtune.evaluation.text import score_sequences, text_metrics
 from arrtune.lm import adapter_disabled
+
+
+class EvalResult(TypedDict, total=False):
+    """What :func:`evaluate_single` and :func:`evaluate_model_pair` return, and ``eval.json`` holds."""
+
+    mode: str  #: "single" or "pair"
+    model: dict[str, Any]  #: single: metric -> value (the table in the module docstring)
+    base: dict[str, Any]  #: pair: the base model's metrics
+    adapted: dict[str, Any]  #: pair: the adapted model's metrics, drift, leak and bleed included
+    delta: dict[str, float]  #: pair: adapted - base, and the paired standard error of each accuracy change
+    examples: list[dict[str, Any]]  #: pair: general questions with both answers, leaked words, bleed
+    task_examples: list[dict[str, Any]]  #: held-out task prompts with the reference and the answer(s)
+    leak_vocabulary_size: int  #: pair: the number of task-only words leak looks for
+    form_check: dict[str, Any]  #: pair: the bleed classifier's recall and false-positive rate on this task
+    per_item: dict[str, dict[str, list[int]]]  #: column -> metric -> 0/1 per item, for paired comparisons
+    timing: dict[str, Any]  #: per column throughput, and ``parts_s``: seconds per measurement family
+    config: dict[str, Any]  #: the EvalConfig used
+    base_cache: dict[str, Any]  #: single: what a later pair evaluation of an adapter reuses
+
 
 DEFAULT_BENCHMARKS = [
     "arc_easy",
@@ -528,8 +547,8 @@ class _Evaluation:
             for i in order[: max(cfg.n_examples, 0)]
         ]  # fmt: skip
 
-    def result(self) -> dict[str, Any]:
-        """The result dictionary (see :func:`evaluate_single` and :func:`evaluate_model_pair`)."""
+    def result(self) -> EvalResult:
+        """The result (see :func:`evaluate_single` and :func:`evaluate_model_pair`)."""
         self.parts["total"] = time.perf_counter() - self.started
         out: dict[str, Any] = {"mode": "pair" if self.pair else "single"}
         for c in self.columns:
@@ -546,11 +565,11 @@ class _Evaluation:
             reused = [k for k in model if k.endswith(_BENCH_SUFFIXES) or k.startswith("task/")]
             out["base_cache"] = {"metrics": {k: model[k] for k in reused}, "per_item": self.per_item["model"],
                                  "timing": self.timing["model"], **self.own_cache}  # fmt: skip
-        return out
+        return EvalResult(**out)  # type: ignore[typeddict-item]
 
 
 def _run(model, tokenizer, cfg: EvalConfig, base_ctx: Callable[[], AbstractContextManager] | None, progress: bool,
-         cache: dict[str, Any] | None = None, base_hidden: dict[tuple, list] | None = None) -> dict[str, Any]:  # fmt: skip
+         cache: dict[str, Any] | None = None, base_hidden: dict[tuple, list] | None = None) -> EvalResult:  # fmt: skip
     """Evaluate: benchmarks, held-out text, the task, then chat behaviour (see :class:`_Evaluation`)."""
     evaluation = _Evaluation(model, tokenizer, cfg, base_ctx, progress, cache, base_hidden)
     evaluation.benchmarks()
@@ -573,7 +592,7 @@ def _delta(base: dict, adapted: dict, base_items: dict, adapted_items: dict) -> 
     return out
 
 
-def evaluate_single(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = True) -> dict[str, Any]:
+def evaluate_single(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = True) -> EvalResult:
     """Evaluate one model (no adapter): benchmarks, perplexity, task, and its greedy answers to the general
     questions. Returns ``{"mode": "single", "model": {metric: value}, "task_examples": [...], "timing": {...},
     "config": {...}, "base_cache": {...}}``.
@@ -595,7 +614,7 @@ def evaluate_model_pair(
     progress: bool = True,
     base_result: dict[str, Any] | None = None,
     base_hidden: dict[tuple, list] | None = None,
-) -> dict[str, Any]:
+) -> EvalResult:
     """Evaluate the base model (inside ``base_context()``, default ``peft_model.disable_adapter()``) and the
     adapted model in one process. Returns ``{"mode": "pair", "base": {...}, "adapted": {...}, "delta": {...},
     "examples": [...], "task_examples": [...], "leak_vocabulary_size": int, "timing": {...}, "config": {...}}``;
@@ -624,7 +643,7 @@ def evaluate(
     cfg: EvalConfig | None = None,
     base_context: Callable[[], AbstractContextManager] | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> EvalResult:
     """:func:`evaluate_model_pair` for a PEFT model (or when ``base_context`` is given), else
     :func:`evaluate_single`."""
     if base_context is not None or hasattr(model, "disable_adapter"):
