@@ -157,6 +157,7 @@ def generate_answers(
                 len(batch),
                 temperature=settings.temperature,
                 top_p=settings.top_p,
+                cache="auto",  # static shapes (compiled) on CUDA
             )
             for prompt, answer_ids in zip(batch, answers):
                 text = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()

@@ -57,7 +57,7 @@ def generate(
     desc: str = "generate",
     temperature: float = 0.0,
     top_p: float = 1.0,
-    cache: str = "auto",
+    cache: str = "dynamic",
 ) -> list[list[int]]:
     """Continuations of tokenized prompts (left-padded batches, longest first), greedy, or sampled when
     ``temperature`` > 0 (nucleus ``top_p``); each result ends at and includes the first EOS token when one was
@@ -65,11 +65,15 @@ def generate(
 
     ``cache``: transformers' ``"dynamic"`` key/value cache, a ``"static"`` one (allocated at full length, so
     every decoding step has the same shapes and ``generate`` compiles the forward on accelerators), or
-    ``"static-compiled"`` (compiled on any device); ``"auto"`` is static on CUDA and dynamic elsewhere, where
-    static shapes were slower (``benchmarks/generation_speed.py``, docs/self_replay.md)."""
+    ``"static-compiled"`` (compiled on any device); ``"auto"`` is static on CUDA for a model transformers can
+    compile (not a quantized one) and dynamic elsewhere, where static shapes were slower
+    (``benchmarks/generation_speed.py``; docs/study.md, "Cost of self-replay"). Self-replay generation uses
+    ``"auto"``; evaluation keeps the dynamic cache, so its answers do not depend on the device's cache kind."""
     device = next(base_model(model).parameters()).device
     if cache == "auto":
-        cache = "static" if device.type == "cuda" else "dynamic"
+        quantizer = getattr(base_model(model), "hf_quantizer", None)
+        compilable = quantizer is None or getattr(quantizer, "is_compileable", False)
+        cache = "static" if device.type == "cuda" and compilable else "dynamic"
     if cache not in CACHE_KINDS:
         raise ValueError(f"cache: {cache!r}, expected one of {', '.join(CACHE_KINDS)} or 'auto'")
     eos = eos_token_ids(model, tokenizer)
