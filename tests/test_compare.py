@@ -71,9 +71,11 @@ def test_sweeps_expand_with_distinct_names(tmp_path: Path) -> None:
         expand_runs(bad)
 
 
-def test_grid_writes_report_and_resumes(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+def test_grid_writes_report_and_resumes(tiny_model_dir: Path, tmp_path: Path, capfd) -> None:
     path = write_grid(tmp_path, tiny_model_dir, [{"method": "sft"}, {"method": "arr"}])
-    out = run_grid(load_grid(path), progress=False)
+    bars_on = ["disable_tqdm=false"]  # the runs' own setting: progress=False must still hide their bars
+    out = run_grid(load_grid(path, bars_on), progress=False)
+    assert "it/s]" not in capfd.readouterr().err  # no progress bars, in the training processes either
     for name in (
         "report.md",
         "results.csv",
@@ -96,17 +98,17 @@ def test_grid_writes_report_and_resumes(tiny_model_dir: Path, tmp_path: Path, ca
 
     # resume: both runs are finished -> nothing is trained or evaluated again
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
-    capsys.readouterr()
-    run_grid(load_grid(path), progress=False)
-    printed = capsys.readouterr().out
+    capfd.readouterr()
+    run_grid(load_grid(path, bars_on), progress=False)
+    printed = capfd.readouterr().out
     assert "sft: trained earlier" in printed and "arr: trained earlier" in printed
     assert "evaluating" not in printed
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
 
     # an interrupted grid: drop one run's evaluation -> only that run is evaluated again
     (out / "runs" / "arr" / "eval.json").unlink()
-    run_grid(load_grid(path), progress=False)
-    printed = capsys.readouterr().out
+    run_grid(load_grid(path, bars_on), progress=False)
+    printed = capfd.readouterr().out
     assert "arr: evaluating" in printed and "sft: evaluating" not in printed
     assert json.loads((out / "runs" / "arr" / "eval.json").read_text())["mode"] == "pair"
 

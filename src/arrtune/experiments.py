@@ -151,8 +151,10 @@ def load_grid(path: str | os.PathLike | None, overrides: list[str] | tuple[str, 
     return grid
 
 
-def _train_in_subprocess(spec: RunSpec, debug: bool) -> None:
-    """Train one run in its own Python process (same seed, data order; its own peak memory)."""
+def _train_in_subprocess(spec: RunSpec, debug: bool, progress: bool = True) -> None:
+    """Train one run in its own Python process (same seed, data order; its own peak memory). Without
+    ``progress``, the process shows no progress bars (``TQDM_DISABLE``: the run's config, and so whether it
+    counts as trained, stays the same)."""
     run_dir = Path(spec.config.output_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     fd, cfg_path = tempfile.mkstemp(prefix=f".{spec.name}.", suffix=".yaml", dir=run_dir.parent)
@@ -164,7 +166,8 @@ def _train_in_subprocess(spec: RunSpec, debug: bool) -> None:
             + (["--debug"] if debug else [])
             + ["train", "--config", cfg_path]
         )
-        done = subprocess.run(cmd)
+        env = None if progress else {**os.environ, "TQDM_DISABLE": "1"}
+        done = subprocess.run(cmd, env=env)
         if done.returncode != 0:
             raise ArrtuneError(
                 f"run '{spec.name}': training failed (exit {done.returncode}); see the output above"
@@ -197,7 +200,22 @@ def _is_finished(spec: RunSpec, eval_config: dict[str, Any]) -> bool:
 
 
 def run_grid(grid: GridConfig, progress: bool = True, debug: bool = False) -> Path:
-    """Train and evaluate every run of the grid (skipping finished ones), then write the report."""
+    """Train and evaluate every run of the grid (skipping finished ones), then write the report. Without
+    ``progress``, no progress bars: neither arrtune's nor transformers' (model loading), here or in the
+    training processes."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        return _run_grid(grid, progress, debug)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _run_grid(grid: GridConfig, progress: bool, debug: bool) -> Path:
     import torch
     from peft import PeftModel
 
@@ -234,7 +252,7 @@ def run_grid(grid: GridConfig, progress: bool = True, debug: bool = False) -> Pa
             print(f"[compare] {spec.name}: trained earlier, training skipped")
             continue
         print(f"[compare] {spec.name}: training")
-        _train_in_subprocess(spec, debug)
+        _train_in_subprocess(spec, debug, progress)
 
     model_spec = specs[0].config.model
     tokenizer = load_tokenizer(model_spec)
