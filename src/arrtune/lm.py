@@ -39,7 +39,7 @@ def adapter_disabled(model: Any) -> Iterator[None]:
 
     For LoRA-style adapters this switches the adapter layers off and back on as ``PeftModel.disable_adapter()``
     does (``enable_adapters`` on each), without that context's model-status scan over every parameter, which
-    took two thirds of its 34 ms per call on SmolLM2; the KL's reference enters it on every micro-batch."""
+    took two thirds of its 33 ms per call on SmolLM2; the KL's reference enters it on every micro-batch."""
     layers = _adapter_layers(model)
     if layers is None:
         with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():

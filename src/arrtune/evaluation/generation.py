@@ -69,9 +69,10 @@ def generate(
     compile (not a quantized one) and dynamic elsewhere, where static shapes were slower
     (``benchmarks/generation_speed.py``; docs/study.md, "Cost of self-replay"). Self-replay generation uses
     ``"auto"``; evaluation keeps the dynamic cache, so its answers do not depend on the device's cache kind."""
-    device = next(base_model(model).parameters()).device
+    base = base_model(model)
+    device = next(base.parameters()).device
     if cache == "auto":
-        quantizer = getattr(base_model(model), "hf_quantizer", None)
+        quantizer = getattr(base, "hf_quantizer", None)
         compilable = quantizer is None or getattr(quantizer, "is_compileable", False)
         cache = "static" if device.type == "cuda" and compilable else "dynamic"
     if cache not in CACHE_KINDS:

@@ -615,7 +615,7 @@ def evaluate_model_pair(
     base_result: dict[str, Any] | None = None,
     base_hidden: dict[tuple, list] | None = None,
 ) -> EvalResult:
-    """Evaluate the base model (inside ``base_context()``, default ``peft_model.disable_adapter()``) and the
+    """Evaluate the base model (inside ``base_context()``, default :func:`arrtune.lm.adapter_disabled`) and the
     adapted model in one process. Returns ``{"mode": "pair", "base": {...}, "adapted": {...}, "delta": {...},
     "examples": [...], "task_examples": [...], "leak_vocabulary_size": int, "timing": {...}, "config": {...}}``;
     drift and leak appear in ``adapted`` only.
