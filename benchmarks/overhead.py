@@ -178,7 +178,6 @@ def worker(args: argparse.Namespace) -> None:
 
     from peft import LoraConfig, get_peft_model
 
-    import arrtune.trainer as trainer_module
     from arrtune.config import build_config
     from arrtune.data.replay import ReplayStream
     from arrtune.data.sft import collate_sft, load_sft_examples
@@ -201,13 +200,16 @@ def worker(args: argparse.Namespace) -> None:
         model if args.weights == "nf4" else model.to(device),
         LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
     )
-    own_reference = (trainer_module.reference_hidden, trainer_module.reference_head)
 
-    def copy_hidden(_m, ids, mask):
-        return copy_ref.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state.detach()
+    class CopyReference:
+        """arr-copy's KL reference: the separate frozen copy, in ``InitialModel``'s interface."""
 
-    def copy_head(_m, _head=None):
-        return lambda h: copy_ref.get_output_embeddings()(h)
+        def hidden(self, ids, mask):
+            with torch.no_grad():
+                return copy_ref.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+
+        def head(self, _policy_head=None):
+            return lambda hidden: copy_ref.get_output_embeddings()(hidden).detach()
 
     if args.synthetic:
         vocab = min(49152, model.get_output_embeddings().weight.shape[0])
@@ -234,14 +236,13 @@ def worker(args: argparse.Namespace) -> None:
                               "kl_fraction": fraction}, "benchmark")  # fmt: skip
         trainers[method] = ARRTrainer(model=model, args=targs, processing_class=tokenizer,
                                       replay=replay if ratio else None)  # fmt: skip
+    if "arr-copy" in trainers:
+        trainers["arr-copy"].reference = CopyReference()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
 
     def step(method: str) -> float:
         trainer = trainers[method]
-        trainer_module.reference_hidden, trainer_module.reference_head = (
-            (copy_hidden, copy_head) if method == "arr-copy" else own_reference
-        )
         start = time.perf_counter()
         if method == "sft-hf":  # what a plain transformers/TRL SFT step does: full logits, HF's loss
             with trainer.accelerator.autocast():

@@ -6,7 +6,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
-from arrtune.lm import LMParts, adapter_disabled, base_model, output_head, reference_hidden
+from arrtune.lm import InitialModel, LMParts, adapter_disabled, base_model, output_head
 
 
 def _gemma(cap: float | None) -> torch.nn.Module:
@@ -43,7 +43,7 @@ def test_reference_is_the_model_with_its_adapter_off() -> None:
     with adapter_disabled(peft_model):
         off = base_model(peft_model).get_decoder()(input_ids=ids).last_hidden_state
     on = base_model(peft_model).get_decoder()(input_ids=ids).last_hidden_state
-    ref = reference_hidden(peft_model, ids, torch.ones_like(ids))
+    ref = InitialModel(peft_model).hidden(ids, torch.ones_like(ids))
     torch.testing.assert_close(ref, off)
     assert not torch.allclose(ref, on)
     with peft_model.disable_adapter():  # PEFT's own context gives the same initial model

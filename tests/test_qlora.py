@@ -11,7 +11,7 @@ import torch
 from accelerate import PartialState
 
 from arrtune.config import load_config
-from arrtune.lm import adapter_disabled, base_model, reference_hidden
+from arrtune.lm import InitialModel, adapter_disabled, base_model
 from arrtune.models import load_model
 from arrtune.recipe import load_base_model, load_inputs, train
 
@@ -46,7 +46,7 @@ def test_the_base_is_4bit_and_the_reference_is_that_quantized_base(model_dir: Pa
             torch.nn.init.normal_(p, std=0.5)  # an adapter that changes the outputs
     ids = torch.randint(3, 500, (2, 12))
     mask = torch.ones_like(ids)
-    ref = reference_hidden(model, ids, mask)
+    ref = InitialModel(model).hidden(ids, mask)
     with torch.no_grad(), adapter_disabled(model):
         quantized_base = base_model(model).get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         adapted = base_model(model).get_decoder()
@@ -106,7 +106,7 @@ def test_the_reference_forward_leaves_4bit_training_forwards_intact(tmp_path: Pa
 
     before = grads()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        reference_hidden(model, ids, torch.ones_like(ids))
+        InitialModel(model).hidden(ids, torch.ones_like(ids))
     after = grads()
     assert model.training
     for name in before:

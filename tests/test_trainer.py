@@ -21,7 +21,7 @@ from arrtune.config import TrainConfig, build_config, load_config
 from arrtune.data.replay import ReplayStream
 from arrtune.data.sft import collate_sft, load_sft_examples
 from arrtune.errors import ArrtuneError
-from arrtune.lm import reference_head, reference_hidden
+from arrtune.lm import InitialModel, base_model, output_head
 from arrtune.losses import arr_loss
 from arrtune.recipe import train
 from arrtune.trainer import ARRTrainer
@@ -98,7 +98,8 @@ def test_reference_forward_is_the_base_model(tiny_model_dir, tiny_tokenizer) -> 
     lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
     with torch.no_grad():
-        ref_logits = reference_head(peft_model)(reference_hidden(peft_model, ids, mask))
+        reference = InitialModel(peft_model)
+        ref_logits = reference.head()(reference.hidden(ids, mask))
         base_logits = base(input_ids=ids, attention_mask=mask).logits
         policy_logits = peft_model(input_ids=ids, attention_mask=mask).logits
     valid = mask.bool()
@@ -108,6 +109,27 @@ def test_reference_forward_is_the_base_model(tiny_model_dir, tiny_tokenizer) -> 
     ).abs().max() > 1e-2  # the adapter is really on otherwise
     # only one copy of the weights: the reference shares every base parameter with the policy
     assert sum(p.numel() for p in peft_model.parameters()) < 2 * sum(p.numel() for p in base.parameters())
+
+
+def test_reference_switches_an_adapted_output_layer(tiny_model_dir, tiny_tokenizer) -> None:
+    """With the output layer trained too (``modules_to_save``), the reference's head is the initial one; with
+    a LoRA-only adapter the head is left alone (nothing in it to switch)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    want = AutoModelForCausalLM.from_pretrained(tiny_model_dir).get_output_embeddings()
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    )
+    trained_head = base_model(peft_model).get_output_embeddings()
+    with torch.no_grad():
+        for p in trained_head.parameters():
+            if p.requires_grad:
+                p.add_(0.5)  # the trained copy of the output layer moved
+    hidden = torch.randn(3, want.weight.shape[1])
+    reference = InitialModel(peft_model)
+    assert reference.head_layers == [trained_head]
+    torch.testing.assert_close(reference.head()(hidden), want(hidden).detach())
+    assert not torch.allclose(output_head(peft_model)(hidden), want(hidden))  # the policy's head moved
+    assert InitialModel(lora_model(tiny_model_dir)).head_layers == []
 
 
 def test_reference_has_no_dropout_while_the_model_trains(tiny_model_dir, tiny_tokenizer, tmp_path) -> None:
@@ -122,13 +144,14 @@ def test_reference_has_no_dropout_while_the_model_trains(tiny_model_dir, tiny_to
     batch = sft_batch(tiny_tokenizer)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     peft_model.train()
+    reference = InitialModel(peft_model)
     with torch.no_grad():
-        refs = [reference_head(peft_model)(reference_hidden(peft_model, ids, mask)) for _ in range(2)]
+        refs = [reference.head()(reference.hidden(ids, mask)) for _ in range(2)]
         want = base(input_ids=ids, attention_mask=mask).logits
         policies = [peft_model(input_ids=ids, attention_mask=mask).logits for _ in range(2)]
     valid = mask.bool()
     assert all(torch.allclose(r[valid], want[valid], atol=1e-5) for r in refs)
-    assert peft_model.training  # the train flag is restored
+    assert all(module.training for module in peft_model.modules())  # every module's train flag is restored
     assert not torch.allclose(policies[0][valid], policies[1][valid])  # dropout is on in the policy
 
 
@@ -385,15 +408,15 @@ def test_base_weights_load_in_the_training_precision(
     import arrtune.trainer
 
     seen = {}
-    real = arrtune.trainer.reference_hidden
+    real = arrtune.trainer.InitialModel.hidden
 
-    def spy(peft_model, ids, mask):
-        params = dict(peft_model.named_parameters())
+    def spy(reference, ids, mask):
+        params = dict(reference.model.named_parameters())
         seen["base"] = {p.dtype for n, p in params.items() if "lora_" not in n}
         seen["lora"] = {p.dtype for n, p in params.items() if "lora_" in n}
-        return real(peft_model, ids, mask)
+        return real(reference, ids, mask)
 
-    monkeypatch.setattr(arrtune.trainer, "reference_hidden", spy)
+    monkeypatch.setattr(arrtune.trainer.InitialModel, "hidden", spy)
     cfg = load_config(None, [f"model={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "method=arr", "max_steps=2",
                              "warmup_steps=0", "per_device_train_batch_size=2", f"precision={precision}",
                              "disable_tqdm=true"])  # fmt: skip

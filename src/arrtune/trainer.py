@@ -41,7 +41,7 @@ from arrtune.budget import DriftProbe, KLController
 from arrtune.config import TrainConfig
 from arrtune.data.replay import ReplayStream
 from arrtune.errors import ArrtuneError
-from arrtune.lm import base_model, output_head, reference_head, reference_hidden
+from arrtune.lm import InitialModel, base_model, output_head
 from arrtune.losses import IGNORE_INDEX, KLTerm, default_chunk_rows, head_losses
 from arrtune.rundir import StagedCheckpoints, truncate_metrics
 
@@ -91,6 +91,8 @@ class ARRTrainer(StagedCheckpoints, Trainer):
         base = base_model(self.accelerator.unwrap_model(self.model))
         self._keep_one_logit = "logits_to_keep" in inspect.signature(base.forward).parameters
         self._head_checked = False
+        #: the KL's reference, built at the first step (the model's structure is final by then)
+        self.reference: InitialModel | None = None
         self._terms: dict[str, float] = {}
         self._term_counts: dict[str, int] = {}
         self._sft_tokens = 0
@@ -204,12 +206,14 @@ class ARRTrainer(StagedCheckpoints, Trainer):
         kl_weight = per_row([p.kl_token_weight for p in parts]) * in_kl_rows[:, None]
         if bool((kl_weight != 0).any()):
             kl_rows = (kl_weight != 0).any(1).nonzero().view(-1)
-            ref = reference_hidden(peft_model, ids[kl_rows], attention[kl_rows])
+            if self.reference is None:
+                self.reference = InitialModel(peft_model)
+            ref = self.reference.hidden(ids[kl_rows], attention[kl_rows])
             ref_hidden = ref.new_zeros(*ids.shape, ref.shape[-1])
             ref_hidden[kl_rows] = ref
             drop = torch.where(per_row([float(p.drop_labels) for p in parts]) != 0, targets, IGNORE_INDEX)
             kl = KLTerm(
-                ref_hidden[:, :-1], reference_head(peft_model, head), kl_weight, self.args.kl_direction,
+                ref_hidden[:, :-1], self.reference.head(head), kl_weight, self.args.kl_direction,
                 drop if bool((drop != IGNORE_INDEX).any()) else None,
             )  # fmt: skip
         hidden = self._policy_hidden(model, ids, attention)
