@@ -13,7 +13,8 @@ The rule: among the ARR settings with corpus replay and at least two seeds, the 
 (books drift and chat KL) is within one standard error of the best setting's (or, with ``--reference NAME``,
 of that setting's), and whose task exact match is within one paired standard error (seeds x items, same
 seeds) of plain SFT's; when no setting's is, within one paired standard error of the setting with the highest
-exact match. Standard errors of retention come from the spread over seeds: ``sqrt(sd_a^2 / n_a + sd_b^2 /
+exact match. Of settings with the same cost (``kl_coef`` costs nothing), the one with the smaller ``kl_coef``
+comes first. Standard errors of retention come from the spread over seeds: ``sqrt(sd_a^2 / n_a + sd_b^2 /
 n_b)``. Both choices are printed when ``--reference`` is given.
 
     python benchmarks/frontier.py runs/study runs/study_vornish runs/study_frontier --reference arr-corpus \
@@ -168,7 +169,13 @@ def choose(groups: dict[str, dict], rows: dict[str, dict], sft: str = "sft",
         [] if near_sft else [f"no candidate within one SE of {sft}'s EM: EM compared with {em_ref}"],
         [],
     )
-    for name in sorted(candidates, key=lambda n: rows[n]["cost"]):
+
+    def cost_then_kl(
+        name: str,
+    ) -> tuple[float, float]:  # equal cost: the smaller change to the objective first
+        return rows[name]["cost"], float(groups[name]["config"].get("kl_coef") or 0)
+
+    for name in sorted(candidates, key=cost_then_kl):
         ok, why = True, []
         for key in RETENTION:
             b = best[key]

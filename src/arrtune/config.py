@@ -51,12 +51,15 @@ def use_bf16(precision: str) -> bool:
     return cpu_has_native_bf16()
 
 
-#: method -> (kl_coef, replay_ratio); explicit values in the config override these.
+#: method -> (kl_coef, replay_ratio); explicit values in the config override these. ``arr``'s pair is chosen
+#: from the cost/retention frontier (docs/choosing_settings.md); its KL sits on the replay tokens
+#: (``kl_on: auto``), where a strong coefficient does not slow learning the task. ``kl``'s sits on the SFT
+#: responses, where it does.
 PRESETS: dict[str, tuple[float, float]] = {
     "sft": (0.0, 0.0),
     "kl": (0.1, 0.0),
     "replay": (0.0, 0.25),
-    "arr": (0.1, 0.25),
+    "arr": (1.0, 0.25),
 }
 
 
@@ -159,7 +162,7 @@ class TrainConfig(TrainingArguments):
     # -- the method -----------------------------------------------------------------------------------
     method: str = _field(
         "arr",
-        "Preset for kl_coef and replay_ratio: sft (0, 0), kl (0.1, 0), replay (0, 0.25), arr (0.1, 0.25).",
+        "Preset for kl_coef and replay_ratio: sft (0, 0), kl (0.1, 0), replay (0, 0.25), arr (1, 0.25).",
     )
     kl_coef: float | None = _field(
         None, "Weight of the token-mean KL to the initial model (0 = off). Default: from method."

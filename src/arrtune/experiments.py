@@ -37,6 +37,7 @@ import yaml
 
 from arrtune.config import TrainConfig, _check_key, _coerce, build_config, dump_yaml_atomic, read_yaml_mapping
 from arrtune.errors import ArrtuneError
+from arrtune.rundir import config_diff
 
 
 @dataclass
@@ -178,7 +179,9 @@ def _train_in_subprocess(spec: RunSpec, debug: bool, progress: bool = True) -> N
 
 def _same_config(spec: RunSpec) -> bool:
     saved = Path(spec.config.output_dir) / "config.yaml"
-    return saved.is_file() and yaml.safe_load(saved.read_text()) == spec.config.resolved().to_dict()
+    return saved.is_file() and not config_diff(
+        yaml.safe_load(saved.read_text()), spec.config.resolved().to_dict()
+    )
 
 
 def _is_trained(spec: RunSpec) -> bool:

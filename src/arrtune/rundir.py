@@ -21,6 +21,7 @@ A run directory holds ``config.yaml`` (resolved), ``adapter/`` (a standard PEFT 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -190,11 +191,18 @@ class RunPlan:
 COSMETIC_KEYS = ("disable_tqdm", "local_rank", "logging_dir", "use_cpu")
 
 
-def _config_diff(previous: Any, resolved: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between a saved config and this one (cosmetic keys ignored)."""
+def config_diff(previous: Any, resolved: dict[str, Any]) -> list[str]:
+    """Keys whose values differ between a saved config and this resolved one (cosmetic keys ignored).
+
+    A key the saved config lacks, a setting added to arrtune or transformers after that run was trained,
+    differs only if this config moves it from its default: at its default it does what the earlier run did."""
+    from arrtune.config import TrainConfig
+
     previous = previous if isinstance(previous, dict) else {}
+    absent = object()
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     keys = (set(previous) | set(resolved)) - set(COSMETIC_KEYS)
-    return sorted(str(k) for k in keys if previous.get(k) != resolved.get(k))
+    return sorted(str(k) for k in keys if previous.get(k, defaults.get(k, absent)) != resolved.get(k, absent))
 
 
 def plan_run(cfg: TrainConfig, overwrite: bool) -> RunPlan:
@@ -208,7 +216,7 @@ def plan_run(cfg: TrainConfig, overwrite: bool) -> RunPlan:
             previous = yaml.safe_load(saved.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError):
             previous = None
-        diff = _config_diff(previous, cfg.resolved().to_dict())
+        diff = config_diff(previous, cfg.resolved().to_dict())
         if overwrite:
             return RunPlan(run_dir)
         if diff:
