@@ -10,9 +10,11 @@ import pytest
 import torch
 import yaml
 
+from arrtune.config import build_config
 from arrtune.errors import ArrtuneError
 from arrtune.experiments import expand_runs, load_grid, run_grid
 from arrtune.report import pareto_front
+from arrtune.rundir import config_diff
 
 EVAL = {"benchmarks": ["arc_easy"], "n_per_benchmark": 4, "n_text": 2, "max_text_tokens": 32, "n_questions": 2,
         "max_new_tokens": 4, "n_task": 4, "batch_size": 4}  # fmt: skip
@@ -69,6 +71,21 @@ def test_sweeps_expand_with_distinct_names(tmp_path: Path) -> None:
     bad = load_grid(write_grid(tmp_path, tmp_path, [{"method": "arr", "kl_cof": 0.1}]))
     with pytest.raises(ArrtuneError, match="did you mean 'kl_coef'"):
         expand_runs(bad)
+
+
+def test_a_setting_added_after_a_run_was_saved_matches_at_its_default(tmp_path: Path) -> None:
+    """A run saved before ``kl_every`` existed is the same run while the grid leaves it at its default (so
+    compare skips it), and another run once the grid moves it."""
+    values = {"output_dir": str(tmp_path), "model": "m", "method": "arr"}
+    saved = build_config(values, "test").resolved().to_dict()
+    del saved["kl_every"]
+    assert config_diff(saved, build_config(values, "test").resolved().to_dict()) == []
+    assert config_diff(saved, build_config({**values, "kl_every": 4}, "test").resolved().to_dict()) == [
+        "kl_every"
+    ]
+    assert config_diff(saved, build_config({**values, "kl_coef": 0.5}, "test").resolved().to_dict()) == [
+        "kl_coef"
+    ]
 
 
 def test_grid_writes_report_and_resumes(tiny_model_dir: Path, tmp_path: Path, capfd) -> None:
