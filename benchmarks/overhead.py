@@ -431,8 +431,23 @@ def main() -> None:
         print(f"| {r['model']} | {r['precision']} | {r['weights']} | {r['checkpointing']} | {r['method']} | {r['step_s']:.2f} | {ratio:.2f} | {floor:.2f} | "
               f"{ratio / floor:.2f} | {simple_floor(r['method']):.2f} | {r['sft_tokens'] / r['step_s']:.0f} | "
               f"{r['peak_bytes'] / 2**30:.2f} | {mem:.2f} | {100 * mfu:.0f}% |")  # fmt: skip
+    same_round_ratios(results, "arr", "arr-copy")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def same_round_ratios(results: list[dict], a: str, b: str) -> None:
+    """Print method ``a``'s step time over ``b``'s, round by round (mean ± standard error over rounds): the
+    comparison that a drift in this machine's speed does not bias, since both ran in the same round."""
+    row = ("model", "precision", "weights", "checkpointing")
+    for r in results:
+        other = next((x for x in results if x["method"] == b and all(x[k] == r[k] for k in row)), None)
+        if r["method"] != a or other is None or len(r["times"]) < 2:
+            continue
+        ratios = [x / y for x, y in zip(r["times"], other["times"])]
+        se = statistics.stdev(ratios) / math.sqrt(len(ratios))
+        print(f"{r['model']} {r['weights']} weights: {a} / {b} per round {statistics.mean(ratios):.3f} ± {se:.3f} "
+              f"({len(ratios)} rounds)")  # fmt: skip
 
 
 if __name__ == "__main__":
