@@ -159,18 +159,20 @@ def choose(groups: dict[str, dict], rows: dict[str, dict], sft: str = "sft",
     candidates = [n for n, g in groups.items() if g["config"].get("method") == "arr" and len(g["runs"]) > 1
                   and float(g["config"].get("replay_mix") or 0) == 0 and g["config"].get("replay") == "builtin"
                   and not g["config"].get("drift_budget")]  # fmt: skip
+
+    def em_within(ref: str, name: str) -> tuple[bool, float, float]:
+        """Is ``name``'s exact match within one paired standard error of ``ref``'s (or above it)?"""
+        diff, se = paired_em_se(groups, ref, name) if name != ref else (0.0, 0.0)
+        return diff >= -se, diff, se
+
     # plasticity: within one paired standard error of plain SFT's exact match; when no candidate is, of the
     # candidate with the highest exact match
-    near_sft = [n for n in candidates if (lambda d, se: d >= -se)(*paired_em_se(groups, sft, n))]
+    near_sft = [n for n in candidates if em_within(sft, n)[0]]
     em_ref = sft if near_sft else max(candidates, key=lambda n: rows[n]["task/exact_match"])
-
-    def keeps_plasticity(name: str) -> tuple[bool, float, float]:
-        diff, se = paired_em_se(groups, em_ref, name) if name != em_ref else (0.0, 0.0)
-        return diff >= -se, diff, se
 
     # the best retention among the settings that keep plasticity: a setting that retains more by not
     # learning the task is not the bar
-    plastic = [n for n in candidates if keeps_plasticity(n)[0]] or candidates
+    plastic = [n for n in candidates if em_within(em_ref, n)[0]] or candidates
     best = {k: reference or min(plastic, key=lambda n: rows[n][k]) for k in RETENTION}
     label = "reference" if reference else "best"
     notes, eligible = (
@@ -192,7 +194,7 @@ def choose(groups: dict[str, dict], rows: dict[str, dict], sft: str = "sft",
             ok &= within
             why.append(f"{key} {rows[name][key]:.3f} vs {label} {rows[b][key]:.3f} ({b}) ± {se:.3f}: "
                        f"{'within' if within else 'beyond'}")  # fmt: skip
-        within, diff, se = keeps_plasticity(name)
+        within, diff, se = em_within(em_ref, name)
         ok &= within
         why.append(f"EM − {em_ref} {diff:+.3f} ± {se:.3f}: {'within' if within else 'beyond'}")
         notes.append(

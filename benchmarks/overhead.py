@@ -421,8 +421,7 @@ def main() -> None:
     header = "| model | precision | weights | ckpt | method | s/step | × sft | FLOP floor | ÷ floor | simple floor | SFT tok/s | peak GB | × sft | MFU |"
     print("\n" + header + "\n|" + "---|" * (header.count("|") - 1))
     for r in results:
-        row = ("model", "precision", "weights", "checkpointing")
-        sft = next((x for x in results if x["method"] == "sft" and all(x[k] == r[k] for k in row)), None)
+        sft = same_shape(results, r, "sft")
         nan = float("nan")
         ratio = r["step_s"] / sft["step_s"] if sft else nan
         floor = step_flops(r) / step_flops(sft) if sft else nan
@@ -436,12 +435,17 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
 
+def same_shape(results: list[dict], r: dict, method: str) -> dict | None:
+    """The result of ``method`` on the same model, precision, weights and checkpointing as ``r``."""
+    row = ("model", "precision", "weights", "checkpointing")
+    return next((x for x in results if x["method"] == method and all(x[k] == r[k] for k in row)), None)
+
+
 def same_round_ratios(results: list[dict], a: str, b: str) -> None:
     """Print method ``a``'s step time over ``b``'s, round by round (mean ± standard error over rounds): the
     comparison that a drift in this machine's speed does not bias, since both ran in the same round."""
-    row = ("model", "precision", "weights", "checkpointing")
     for r in results:
-        other = next((x for x in results if x["method"] == b and all(x[k] == r[k] for k in row)), None)
+        other = same_shape(results, r, b)
         if r["method"] != a or other is None or len(r["times"]) < 2:
             continue
         ratios = [x / y for x, y in zip(r["times"], other["times"])]

@@ -57,7 +57,7 @@ def _adapter_layers(model: Any, within: torch.nn.Module | None = None) -> list[A
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
 
-    layers = (within or model).modules()
+    layers = (model if within is None else within).modules()
     return [m for m in layers if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
 
 
@@ -85,7 +85,7 @@ def _switched(adapter_layers: Sequence[Any], modules: Sequence[torch.nn.Module])
 
 class InitialModel:
     """The KL's reference inside the model under training: the same network with its adapter off, without
-    dropout (every module in evaluation mode, except bitsandbytes layers: see :func:`without_dropout`) and
+    dropout (every module in evaluation mode, except bitsandbytes layers: see :func:`_mode_modules`) and
     without gradient.
 
     It lists the adapter layers and modules it switches once, so each use costs well under a millisecond,
@@ -101,9 +101,7 @@ class InitialModel:
         #: the LoRA-style adapter layers to switch off; None: another kind of adapter, or none
         self.adapter_layers = _adapter_layers(model)
         #: the modules to put in evaluation mode
-        self.modules = [
-            m for m in self.decoder.modules() if not type(m).__module__.startswith("bitsandbytes")
-        ]
+        self.modules = _mode_modules(self.decoder)
         #: the adapter layers inside the output layer (usually none)
         self.head_layers = _adapter_layers(model, within=inner.get_output_embeddings()) or []
 
@@ -157,20 +155,19 @@ def output_head(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     return apply
 
 
+def _mode_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """``module`` and its submodules whose mode evaluation switches: all but bitsandbytes layers, which have no
+    dropout, and which on CPU bitsandbytes repacks in evaluation mode into an inference-only 4-bit layout that
+    the training forwards that follow cannot use."""
+    return [m for m in module.modules() if not type(m).__module__.startswith("bitsandbytes")]
+
+
 @contextmanager
 def without_dropout(module: torch.nn.Module) -> Iterator[None]:
-    """``module`` in evaluation mode (no dropout), then back in its own mode. bitsandbytes layers stay in
-    training mode: they have no dropout, and in evaluation mode on CPU bitsandbytes repacks 4-bit weights
-    into an inference-only layout that the training forwards that follow cannot use."""
-    was_training = module.training
-    module.eval()
-    for layer in module.modules():
-        if type(layer).__module__.startswith("bitsandbytes"):
-            layer.training = was_training
-    try:
+    """``module`` in evaluation mode (no dropout), then each submodule back in its own mode; bitsandbytes
+    layers keep theirs (:func:`_mode_modules`)."""
+    with _switched([], _mode_modules(module)):
         yield
-    finally:
-        module.train(was_training)
 
 
 class LMParts:
