@@ -46,6 +46,7 @@ import copy
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -54,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("sft-hf", "sft", "kl", "replay", "arr", "arr-copy", "arr-kl_half")
+METHODS = ("sft-hf", "sft", "kl", "replay", "arr", "arr-copy", "arr-kl_half", "arr-default")
 QWEN_05B_SHAPE = dict(
     vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
     num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
@@ -69,8 +70,13 @@ QWEN_7B_SHAPE = dict(
     vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
     num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False,
 )  # fmt: skip
+#: a few-MB model of Qwen2.5's architecture: for checking this script (and gpu.sh) end to end, not for numbers
+TINY_SHAPE = dict(
+    vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+)  # fmt: skip
 SHAPES = {"qwen2.5-0.5b-shape": QWEN_05B_SHAPE, "qwen2.5-1.5b-shape": QWEN_15B_SHAPE,
-          "qwen2.5-7b-shape": QWEN_7B_SHAPE}  # fmt: skip
+          "qwen2.5-7b-shape": QWEN_7B_SHAPE, "tiny-shape": TINY_SHAPE}  # fmt: skip
 
 
 class SyntheticTokenizer:
@@ -80,15 +86,17 @@ class SyntheticTokenizer:
 
 
 class SyntheticReplay:
-    """Random replay rows, as many as ``n_tokens`` needs at the SFT batch's width (a ``ReplayStream`` stand-in)."""
+    """Random replay tokens, packed into rows of the SFT batch's width as ``ReplayStream`` packs them (the last
+    row right-padded), so a replay batch costs what a real one does."""
 
     def __init__(self, vocab: int, seed: int = 0) -> None:
         self.vocab, self.generator = vocab, torch.Generator().manual_seed(seed)
 
     def batch(self, n_tokens: int, width: int, pad_id: int) -> dict[str, torch.Tensor]:
-        rows = max(1, math.ceil(n_tokens / width))
-        ids = torch.randint(1, self.vocab, (rows, width), generator=self.generator)
-        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+        from arrtune.data.replay import pack
+
+        tokens = torch.randint(1, self.vocab, (n_tokens,), generator=self.generator).tolist()
+        return pack(tokens, [True] * n_tokens, width, pad_id)
 
     def state_dict(self) -> dict[str, int]:
         return {}
@@ -107,9 +115,8 @@ def build_model(
 ):
     """The model under test: SmolLM2-135M (real weights) or a random model of a Qwen2.5 shape, with base
     weights in ``weights`` (fp32, bf16, or nf4 via a saved copy reloaded 4-bit, computing in ``compute``)."""
+    import hashlib
     import tempfile
-
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from arrtune.models import load_model, load_tokenizer
 
@@ -120,28 +127,44 @@ def build_model(
         if weights == "nf4":
             return load_model("smollm2-135m-instruct", dtype=compute, load_in_4bit=True), tokenizer
         return load_model("smollm2-135m-instruct", dtype=dtype), tokenizer
+    if weights == "nf4":  # arrtune's own 4-bit loading, from a bf16 copy saved once for all worker processes
+        saved = (
+            Path(tempfile.gettempdir())
+            / f"arrtune-{name}-{hashlib.sha1(repr(SHAPES[name]).encode()).hexdigest()[:8]}"
+        )
+        if (
+            not (saved / "model.safetensors.index.json").is_file()
+            and not (saved / "model.safetensors").is_file()
+        ):
+            partial = Path(tempfile.mkdtemp(prefix=saved.name + ".tmp-", dir=saved.parent))
+            random_model(name, "bf16").save_pretrained(partial)
+            partial.rename(saved)  # complete or absent: a killed save never passes for a model
+        return load_model(str(saved), dtype=compute, load_in_4bit=True), tokenizer
+    return random_model(name, weights), tokenizer
+
+
+def random_model(name: str, weights: str):
+    """A random-weight model of shape ``name``, built in place on the GPU where there is one (seconds at 7B,
+    where initializing on the CPU takes minutes), with fp32 or bf16 weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16 if weights != "fp32" else torch.float32)  # build in place, no copy
+    torch.set_default_dtype(torch.bfloat16 if weights == "bf16" else torch.float32)  # build in place, no copy
     try:
-        model = Qwen2ForCausalLM(Qwen2Config(**SHAPES[name]))
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            return Qwen2ForCausalLM(Qwen2Config(**SHAPES[name]))
     finally:
         torch.set_default_dtype(previous)
-    if weights != "nf4":
-        return model, tokenizer
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        del model
-        return load_model(tmp, dtype=compute, load_in_4bit=True), tokenizer
 
 
 def matmul_flops(model) -> tuple[int, int]:
-    """(parameters in matmuls excluding the output head, output-head parameters)."""
-    head = model.get_output_embeddings().weight.numel()
-    body = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
-    if not model.config.tie_word_embeddings:
-        body -= head
-    return body, head
+    """(multiply-adds per position in the matmuls except the output layer's, in the output layer's), from
+    each linear layer's shape: a 4-bit layer stores its weight packed, so its parameter count would halve it."""
+    head_layer = model.get_output_embeddings()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    body = sum(m.in_features * m.out_features for m in linears if m is not head_layer)
+    return body, head_layer.in_features * head_layer.out_features
 
 
 def measured_matmul_rate(dtype: torch.dtype, device: str) -> float:
@@ -162,9 +185,17 @@ def measured_matmul_rate(dtype: torch.dtype, device: str) -> float:
     return best
 
 
-#: (kl_coef, replay_ratio, kl_fraction) of each method
-SETTINGS = {"sft-hf": (0, 0, 1), "sft": (0, 0, 1), "kl": (0.1, 0, 1), "replay": (0, 1, 1), "arr": (0.1, 1, 1),
-            "arr-copy": (0.1, 1, 1), "arr-kl_half": (0.1, 1, 0.5)}  # fmt: skip  # fmt: skip  (kl_coef, replay_ratio)
+#: each method's arrtune settings, over ``method: arr``'s preset. ``arr`` is ARR at its costliest common
+#: setting (replay_ratio 1, the KL on every row); ``arr-default`` is what ``method: arr`` trains with
+#: (kl_coef 1, replay_ratio 0.25, the KL on the replay rows)
+SETTINGS: dict[str, dict] = {
+    "sft-hf": {"kl_coef": 0, "replay_ratio": 0}, "sft": {"kl_coef": 0, "replay_ratio": 0},
+    "kl": {"kl_coef": 0.1, "replay_ratio": 0, "kl_on": "both"}, "replay": {"kl_coef": 0, "replay_ratio": 1},
+    "arr": {"kl_coef": 0.1, "replay_ratio": 1, "kl_on": "both"},
+    "arr-copy": {"kl_coef": 0.1, "replay_ratio": 1, "kl_on": "both"},
+    "arr-kl_half": {"kl_coef": 0.1, "replay_ratio": 1, "kl_on": "both", "kl_fraction": 0.5},
+    "arr-default": {},
+}  # fmt: skip
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -230,12 +261,10 @@ def worker(args: argparse.Namespace) -> None:
     sft_tokens = int(batch["attention_mask"].sum())
     trainers = {}
     for method in args.methods:
-        kl, ratio, fraction = SETTINGS[method]
         targs = build_config({"output_dir": "/tmp/arrtune-bench", "use_cpu": device == "cpu", "max_steps": 1,
-                              "precision": args.precision, "kl_coef": kl, "replay_ratio": ratio, "kl_on": "both",
-                              "kl_fraction": fraction}, "benchmark")  # fmt: skip
+                              "precision": args.precision, "method": "arr", **SETTINGS[method]}, "benchmark")  # fmt: skip
         trainers[method] = ARRTrainer(model=model, args=targs, processing_class=tokenizer,
-                                      replay=replay if ratio else None)  # fmt: skip
+                                      replay=replay if targs.resolved_replay_ratio() else None)  # fmt: skip
     if "arr-copy" in trainers:
         trainers["arr-copy"].reference = CopyReference()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -274,19 +303,23 @@ def worker(args: argparse.Namespace) -> None:
     # loss needs it (label tokens; all positions for sft-hf, which computes full logits)
     sft_pos, sft_labels = batch["input_ids"].numel(), int((batch["labels"][:, 1:] != -100).sum())
     source = SyntheticReplay(vocab) if args.synthetic else ReplayStream("builtin", tokenizer)
-    rb = source.batch(sft_tokens, batch["input_ids"].shape[1], tokenizer.pad_token_id)
     for method in args.methods:
-        kl, ratio, fraction = SETTINGS[method]
-        # the reference's rows: the first ceil(fraction x rows) of the SFT rows and of the replay rows
-        ref_rows = [(batch, math.ceil(fraction * len(batch["input_ids"])))] + (
-            [(rb, math.ceil(fraction * len(rb["input_ids"])))] if ratio else []
+        cfg = trainers[method].args
+        kl, ratio, kl_on, fraction = (cfg.resolved_kl_coef(), cfg.resolved_replay_ratio(), cfg.resolved_kl_on(),
+                                      cfg.kl_fraction)  # fmt: skip
+        rb = source.batch(
+            max(1, round(ratio * sft_tokens)), batch["input_ids"].shape[1], tokenizer.pad_token_id
         )
+        # the reference's rows: the first ceil(fraction x rows) of the SFT rows and of the replay rows it covers
+        ref_rows = [(b, math.ceil(fraction * len(b["input_ids"]))) for b, on in ((batch, kl_on != "replay"),
+                    (rb, kl_on != "sft" and ratio > 0)) if on]  # fmt: skip
         print(json.dumps({
             "model": args.model, "method": method, "precision": args.precision, "device": device,
             "weights": args.weights, "checkpointing": args.checkpointing,
             "step_s": statistics.median(times[method]) if times[method] else float("nan"),
             "times": times[method], "sft_tokens": sft_tokens, "peak_bytes": peak, "body_params": body,
-            "head_params": head, "replay_ratio": ratio, "kl": kl > 0, "sft_positions": sft_pos,
+            "head_params": head, "replay_ratio": ratio, "kl": kl > 0, "kl_on": kl_on, "kl_fraction": fraction,
+            "sft_positions": sft_pos,
             "sft_head_positions": sft_pos if method == "sft-hf" else sft_labels,
             "replay_positions": rb["input_ids"].numel() if ratio else 0,
             "replay_head_positions": int((rb["labels"][:, 1:] != -100).sum()) if ratio else 0,
@@ -325,11 +358,16 @@ def step_flops(r: dict) -> float:
     return 4 * body * positions + 4 * head * head_positions + reference
 
 
-def simple_floor(method: str) -> float:
-    """The issue's rule of thumb (KL on all rows, replay_ratio 1): a step = 2 forwards per token; the
-    reference adds 1 forward per KL token; replay doubles the tokens."""
-    kl, ratio, fraction = SETTINGS[method]
-    return ((1 + ratio) * 2 + (1 + ratio) * (kl > 0) * fraction) / 2
+def simple_floor(r: dict) -> float:
+    """The rule of thumb, as a multiple of ``sft``: a step = 2 forwards per token; the reference adds 1 forward
+    per KL token; replay adds ``replay_ratio`` x the SFT tokens."""
+    ratio, kl_on = r["replay_ratio"], r.get("kl_on", "both")
+    kl_tokens = r["kl"] * r.get("kl_fraction", 1) * ((kl_on != "replay") + ratio * (kl_on != "sft"))
+    return ((1 + ratio) * 2 + kl_tokens) / 2
+
+
+#: the worker commands that failed (the script then exits 1, after reporting the rows that were measured)
+FAILED: list[list[str]] = []
 
 
 def run_worker(cmd: list[str], env: dict[str, str] | None = None) -> list[dict]:
@@ -338,6 +376,7 @@ def run_worker(cmd: list[str], env: dict[str, str] | None = None) -> list[dict]:
     lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
     if out.returncode != 0 or not lines:
         print(f"FAILED: {' '.join(cmd[2:])}\n{out.stderr[-2000:]}")
+        FAILED.append(cmd)
         return []
     return lines
 
@@ -387,10 +426,28 @@ def main() -> None:
         for p in args.precisions
     }
     print(
-        f"device: {device}; measured matmul rate: "
+        f"device: {device}; MFU denominator ({'--peak-tflops' if args.peak_tflops else 'measured matmul rate'}): "
         + ", ".join(f"{p} {r / 1e9:.0f} GFLOP/s" for p, r in rates.items())
     )
-    results = []
+    results: list[dict] = []
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        measure(args, device, results)
+    finally:
+        report(results, rates, args.json)
+    if FAILED:
+        sys.exit(f"{len(FAILED)} measurement(s) failed (above)")
+
+
+def stop(*_: object) -> None:
+    """SIGTERM (a time limit: ``timeout`` signals the process and then its group): end the measurements, but
+    still print and save every row measured so far. Later signals are ignored, so the report completes."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(124)
+
+
+def measure(args: argparse.Namespace, device: str, results: list[dict]) -> None:
+    """Run the workers of every (model, precision, weights, checkpointing) row, appending to ``results``."""
     rows = [(m, p, w, c) for m in args.models for p in args.precisions for w in args.weights
             for c in args.checkpointing]  # fmt: skip
     for model, precision, weights, checkpointing in rows:
@@ -409,6 +466,9 @@ def main() -> None:
             continue
         timed = run_worker(cmd + ["--steps", str(args.steps), "--warmup", str(args.warmup), "--methods",
                                   *args.methods])  # fmt: skip
+        for r in timed:  # the timing process's peak is all methods' together: each is measured alone below
+            r["peak_bytes"] = float("nan")
+            results.append(r)
         for r in timed:
             print(f"  timed {model} {precision} {r['method']}: {r['step_s']:.2f} s/step", flush=True)
             # peak memory: each method alone in a fresh process, one step. On CPU with every block over
@@ -416,8 +476,13 @@ def main() -> None:
             env = {"MALLOC_MMAP_THRESHOLD_": "65536"} if r["device"] == "cpu" else None
             alone = run_worker(cmd + ["--steps", "1", "--warmup", "0", "--methods", r["method"]], env)
             r["peak_bytes"] = alone[0]["peak_bytes"] if alone else float("nan")
-            results.append(r)
 
+
+def report(results: list[dict], rates: dict[str, float], json_path: str | None) -> None:
+    """Print the table (ratios to ``sft`` of the same row) and the per-round ``arr``/``arr-copy`` ratios; save
+    the raw results to ``json_path``."""
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2))
     header = "| model | precision | weights | ckpt | method | s/step | × sft | FLOP floor | ÷ floor | simple floor | SFT tok/s | peak GB | × sft | MFU |"
     print("\n" + header + "\n|" + "---|" * (header.count("|") - 1))
     for r in results:
@@ -428,11 +493,9 @@ def main() -> None:
         mem = r["peak_bytes"] / sft["peak_bytes"] if sft else nan
         mfu = step_flops(r) / r["step_s"] / rates[r["precision"]]
         print(f"| {r['model']} | {r['precision']} | {r['weights']} | {r['checkpointing']} | {r['method']} | {r['step_s']:.2f} | {ratio:.2f} | {floor:.2f} | "
-              f"{ratio / floor:.2f} | {simple_floor(r['method']):.2f} | {r['sft_tokens'] / r['step_s']:.0f} | "
+              f"{ratio / floor:.2f} | {simple_floor(r):.2f} | {r['sft_tokens'] / r['step_s']:.0f} | "
               f"{r['peak_bytes'] / 2**30:.2f} | {mem:.2f} | {100 * mfu:.0f}% |")  # fmt: skip
     same_round_ratios(results, "arr", "arr-copy")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 def same_shape(results: list[dict], r: dict, method: str) -> dict | None:
