@@ -36,3 +36,16 @@ def test_eval_single_and_pair(tiny_model_dir, tmp_path) -> None:
 
     bad = run("eval", "--model", str(tiny_model_dir), "--config", str(tmp_path / "missing.yaml"), *SMALL)
     assert bad.returncode == 2 and "missing.yaml: eval config file not found" in bad.stderr
+
+
+def test_eval_help_lists_every_setting_with_its_default() -> None:
+    from dataclasses import fields
+
+    from arrtune.evaluation import EvalConfig
+
+    done = run("eval", "--help")
+    assert done.returncode == 0, done.stderr
+    for f in fields(EvalConfig):
+        assert f"\n  {f.name}=" in done.stdout, f.name
+    for line in ("batch_size=16: ", "model_dtype='float32': ", "load_in_4bit='auto': "):
+        assert line in done.stdout

@@ -4,6 +4,8 @@ adapter, and the KL reference = the quantized base with the adapter off."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,20 @@ def test_qlora_run_trains_and_writes_an_adapter(model_dir: Path, tmp_path: Path)
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["kl"] >= 0 and r["replay_loss"] > 0 for r in records if "loss" in r)
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+    # ``arrtune eval`` scores the adapter on the 4-bit base it was trained on, unless told otherwise
+    small = ["benchmarks=[]", "n_text=2", "max_text_tokens=16", "n_questions=0", "n_task=0", "--no-progress"]
+    scores = {}
+    for setting in ([], ["load_in_4bit=false"]):
+        out = tmp_path / f"eval{len(setting)}.json"
+        done = subprocess.run([sys.executable, "-m", "arrtune", "eval", "--adapter", str(run / "adapter"),
+                               "--output", str(out), *small, *setting], capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        result = json.loads(out.read_text())
+        assert result["config"]["load_in_4bit"] is not bool(setting)
+        assert ("load_in_4bit: true (the run trained on a 4-bit base" in done.stderr) is not bool(setting)
+        scores[bool(setting)] = result["base"]["ppl/books"]
+    assert scores[False] != scores[True]  # the 4-bit base is another model than the float32 one
 
 
 def test_the_reference_forward_leaves_4bit_training_forwards_intact(tmp_path: Path) -> None:

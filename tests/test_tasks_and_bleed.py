@@ -6,7 +6,7 @@ import pytest
 
 from arrtune.data.task import builtin_task, exact_match, keywords_response
 from arrtune.errors import ArrtuneError
-from arrtune.evaluation import EvalConfig, resolve_task, task_of_run
+from arrtune.evaluation import EvalConfig, resolve_from_run, task_of_run
 from arrtune.evaluation.form import FormClassifier, form_skeleton, measure_bleed
 
 BASE_ANSWERS = [
@@ -87,6 +87,11 @@ def test_the_evaluated_task_is_the_runs_own() -> None:
     assert task_of_run({"data": "my.jsonl"}) == (None, None)  # never the built-in Vornish by accident
     auto = EvalConfig()
     assert auto.task == "auto"
-    assert resolve_task(auto, {"data": "builtin:vornish"}).task == "builtin:vornish"
-    assert resolve_task(auto, None).task is None
-    assert resolve_task(EvalConfig(task="x.jsonl"), {"data": "builtin:vornish"}).task == "x.jsonl"
+    assert resolve_from_run(auto, {"data": "builtin:vornish"}).task == "builtin:vornish"
+    assert resolve_from_run(auto, None).task is None
+    assert resolve_from_run(EvalConfig(task="x.jsonl"), {"data": "builtin:vornish"}).task == "x.jsonl"
+    # the base is loaded as the run loaded it, unless said otherwise
+    assert resolve_from_run(auto, {"data": "builtin:vornish"}).load_in_4bit is False
+    assert resolve_from_run(auto, None).load_in_4bit is False
+    plain = EvalConfig(load_in_4bit=False)
+    assert resolve_from_run(plain, {"data": "builtin:vornish", "load_in_4bit": True}).load_in_4bit is False

@@ -38,7 +38,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         evaluate_model_pair,
         evaluate_single,
         format_table,
-        resolve_task,
+        resolve_from_run,
         write_eval_json,
     )
     from arrtune.models import load_model, load_tokenizer
@@ -56,7 +56,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         saved = adapter.parent / "config.yaml"
         if saved.is_file():
             run_config = read_yaml_mapping(saved, "run config", "a mapping of config keys")
-    cfg = resolve_task(cfg, run_config)
+    cfg = resolve_from_run(cfg, run_config)
     check_eval_inputs(cfg)
     output = Path(args.output or (Path(args.adapter).parent / "eval.json" if args.adapter else "eval.json"))
     if output.is_dir():
@@ -66,6 +66,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model_spec = args.model or (adapter_base(args.adapter) if args.adapter else DEFAULT_MODEL)
     if data.get("task", "auto") == "auto":
         print(f"task: {cfg.task or 'none (set task=FILE or, in training, task_eval)'}", file=sys.stderr)
+    if data.get("load_in_4bit", "auto") == "auto" and cfg.load_in_4bit:
+        print(
+            "load_in_4bit: true (the run trained on a 4-bit base; load_in_4bit=false to change)",
+            file=sys.stderr,
+        )
     tokenizer = load_tokenizer(model_spec)
     import torch
 
@@ -174,7 +179,10 @@ def _eval_settings_help() -> str:
 
     from arrtune.evaluation.runner import EvalConfig
 
-    source = inspect.getsource(EvalConfig)
+    try:
+        source = inspect.getsource(EvalConfig)
+    except (OSError, TypeError):  # installed without source files: names and defaults only
+        source = ""
     lines = []
     for f in dataclasses.fields(EvalConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]

@@ -227,7 +227,7 @@ def _run_grid(grid: GridConfig, progress: bool, debug: bool) -> Path:
         check_eval_inputs,
         evaluate_model_pair,
         evaluate_single,
-        resolve_task,
+        resolve_from_run,
         task_of_run,
         write_eval_json,
     )
@@ -238,13 +238,16 @@ def _run_grid(grid: GridConfig, progress: bool, debug: bool) -> Path:
     specs = expand_runs(grid)
     out = Path(grid.output_dir)
     eval_cfg = EvalConfig.from_dict(grid.eval, "grid: eval")
-    if eval_cfg.task == "auto":
-        tasks = {task_of_run(s.config.to_dict()) for s in specs}
-        if len(tasks) > 1:
-            raise ArrtuneError(
-                "grid: the runs train on different tasks; set eval.task to the one to score, or split the grid"
-            )
-        eval_cfg = resolve_task(eval_cfg, specs[0].config.to_dict())
+    # one base model is scored for all runs: its ``auto`` settings must be the same for every run
+    if eval_cfg.task == "auto" and len({task_of_run(s.config.to_dict()) for s in specs}) > 1:
+        raise ArrtuneError(
+            "grid: the runs train on different tasks; set eval.task to the one to score, or split the grid"
+        )
+    if eval_cfg.load_in_4bit == "auto" and len({s.config.load_in_4bit for s in specs}) > 1:
+        raise ArrtuneError(
+            "grid: some runs load the base 4-bit and some do not; set eval.load_in_4bit, or split the grid"
+        )
+    eval_cfg = resolve_from_run(eval_cfg, specs[0].config.to_dict())
     check_eval_inputs(eval_cfg)
     if out.exists() and not out.is_dir():
         raise ArrtuneError(f"{out}: output_dir exists and is a file, not a directory")

@@ -228,7 +228,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, adapter_only:
     ``eval_settings``: :class:`arrtune.evaluation.EvalConfig` fields for that evaluation and for ``auto``."""
     from peft import PeftModel
 
-    from arrtune.evaluation import EvalConfig, evaluate_model_pair, resolve_task, write_eval_json
+    from arrtune.evaluation import EvalConfig, evaluate_model_pair, resolve_from_run, write_eval_json
     from arrtune.models import load_model, load_tokenizer, name_base_model, shareable_base_id
 
     run, config, evaluation = read_run(run_dir)
@@ -244,7 +244,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, adapter_only:
         eval_cfg = EvalConfig.from_dict(evaluation["config"], f"{run / 'eval.json'}: config")
     else:
         eval_cfg = EvalConfig.from_dict(eval_settings or {}, "eval setting")
-    eval_cfg = resolve_task(eval_cfg, config)
+    eval_cfg = resolve_from_run(eval_cfg, config)
     if scale == "auto" and not eval_cfg.task:
         raise ArrtuneError(
             f"--scale auto: {run} has no held-out task to measure (set task_eval in its config)"

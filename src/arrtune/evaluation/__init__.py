@@ -12,7 +12,7 @@ from arrtune.evaluation.runner import (
     evaluate_single,
     format_table,
     load_eval_config,
-    resolve_task,
+    resolve_from_run,
     task_of_run,
     write_eval_json,
 )
@@ -36,7 +36,7 @@ __all__ = [
     "load_jsonl_benchmark",
     "loglikelihoods",
     "perplexity",
-    "resolve_task",
+    "resolve_from_run",
     "task_of_run",
     "score_items",
     "text_metrics",

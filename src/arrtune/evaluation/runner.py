@@ -134,9 +134,10 @@ class EvalConfig:
     #: precision the model's weights are loaded in (``arrtune eval``): float32, bfloat16 or float16; default
     #: float32
     model_dtype: str = "float32"
-    #: load the base weights 4-bit (bitsandbytes NF4, computing in ``model_dtype``), as a QLoRA run trained
-    #: them; default false
-    load_in_4bit: bool = False
+    #: load the base weights 4-bit (bitsandbytes NF4, computing in ``model_dtype``): true, false, or ``auto``
+    #: (as the run being evaluated was trained, from its ``config.yaml``, so that a QLoRA adapter is scored on
+    #: the quantized base it was trained on and regularized towards; false for a plain model); default ``auto``
+    load_in_4bit: bool | str = "auto"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "eval config") -> EvalConfig:
@@ -161,8 +162,8 @@ class EvalConfig:
                 if value not in ("float32", "bfloat16", "float16"):
                     raise ArrtuneError(f"{where} must be float32, bfloat16 or float16, got {value!r}")
             elif key == "load_in_4bit":
-                if not isinstance(value, bool):
-                    raise ArrtuneError(f"{where} must be true or false, got {value!r}")
+                if not isinstance(value, bool) and value != "auto":
+                    raise ArrtuneError(f"{where} must be true, false or auto, got {value!r}")
                 if value:
                     from arrtune.config import require_bitsandbytes
 
@@ -190,9 +191,16 @@ def task_of_run(train_config: dict[str, Any]) -> tuple[str | None, str | None]:
     return None, None
 
 
-def resolve_task(cfg: EvalConfig, train_config: dict[str, Any] | None) -> EvalConfig:
-    """``cfg`` with ``task: auto`` replaced by the task of the run (:func:`task_of_run`), or by no task when
-    there is no run config (a plain model); other values are kept."""
+def resolve_from_run(cfg: EvalConfig, train_config: dict[str, Any] | None) -> EvalConfig:
+    """``cfg`` with its ``auto`` settings taken from the run's config (None: a plain model): ``task`` becomes
+    the run's task (:func:`task_of_run`, or none), ``load_in_4bit`` the run's (or false). Other values are
+    kept."""
+    if cfg.load_in_4bit == "auto":
+        cfg = replace(cfg, load_in_4bit=bool((train_config or {}).get("load_in_4bit", False)))
+        if cfg.load_in_4bit:
+            from arrtune.config import require_bitsandbytes
+
+            require_bitsandbytes("load_in_4bit (auto: the run was trained 4-bit)")
     if cfg.task != "auto":
         return cfg
     task, task_train = task_of_run(train_config) if train_config else (None, None)
@@ -279,7 +287,7 @@ def _last_assistant(messages: list[dict[str, str]]) -> str:
 
 def load_task(cfg: EvalConfig, tokenizer) -> tuple[list[TaskExample], list[str]]:
     """Held-out task examples (a fixed-seed subset of ``n_task``) and the training responses for leak."""
-    if not cfg.task or cfg.task == "auto" or cfg.n_task <= 0:  # auto without a run: see resolve_task
+    if not cfg.task or cfg.task == "auto" or cfg.n_task <= 0:  # auto without a run: see resolve_from_run
         return [], []
     if cfg.task.startswith("builtin:"):
         from arrtune.data.task import builtin_task
