@@ -138,15 +138,20 @@ def test_two_processes_match_one_process_and_shard_the_replay_stream(
 @pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
                     reason="torchrun not installed")  # fmt: skip
 def test_fsdp_two_processes_match_one_process(tiny_model_dir: Path, tiny_tokenizer, tmp_path: Path) -> None:
-    """FSDP (full shard, through the Trainer's ``fsdp``/``fsdp_config`` fields) on 2 CPU processes with gloo:
-    the same per-step loss terms and the same final adapter as one process with the same global batch."""
+    """FSDP (full shard, through the Trainer's ``fsdp``/``fsdp_config`` fields) on 2 CPU processes with gloo,
+    with the two-pass step (SFT rows, then replay rows): the same per-step loss terms and the same final
+    adapter as one process with the same global batch. (As in the DDP test, the replay pass runs but carries
+    no weight, since each rank replays its own documents.)"""
     from safetensors.torch import load_file
 
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in equal_length_examples(tiny_tokenizer, 12)))
+    replay = tmp_path / "replay.txt"
+    replay.write_text("\n\n".join(f"Replay document number {i} is about topic {i * 7 % 13}." for i in range(N_REPLAY_DOCS)))  # fmt: skip
     config = tmp_path / "fsdp.yaml"
-    config.write_text(f"model: {tiny_model_dir}\ndata: {data}\nmethod: kl\nkl_coef: 0.1\nmax_steps: 3\n"
-                      "warmup_steps: 0\nlearning_rate: 0.01\nseed: 5\nprecision: fp32\ndisable_tqdm: true\n")  # fmt: skip
+    config.write_text(f"model: {tiny_model_dir}\ndata: {data}\nreplay: {replay}\nmethod: arr\nkl_coef: 0.1\n"
+                      "kl_on: sft\nreplay_ratio: 1\nreplay_weight: 0\nmax_steps: 3\nwarmup_steps: 0\n"
+                      "learning_rate: 0.01\nseed: 5\nprecision: fp32\ndisable_tqdm: true\n")  # fmt: skip
     fsdp = ["fsdp=full_shard auto_wrap",
             'fsdp_config={"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "use_orig_params": true}']  # fmt: skip
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
@@ -159,6 +164,7 @@ def test_fsdp_two_processes_match_one_process(tiny_model_dir: Path, tiny_tokeniz
     a, b = per_step(one), per_step(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:
+        assert b[step]["replay_loss"] > 0  # the replay pass ran under FSDP
         for key in ("sft_loss", "kl", "loss"):
             assert abs(a[step][key] - b[step][key]) <= 1e-4, (step, key, a[step][key], b[step][key])
     single = load_file(one / "adapter" / "adapter_model.safetensors")
