@@ -336,7 +336,7 @@ def test_precision_auto_is_bf16_on_cpus_with_native_bf16_matmul() -> None:
 
 
 def test_every_training_argument_is_settable_and_tensorboard_logs_every_term(
-    tiny_model_dir, tmp_path
+    tiny_model_dir, tmp_path, monkeypatch
 ) -> None:
     """TrainConfig is a TrainingArguments: HF fields come from YAML / key=value like arrtune's, reach the
     Trainer, and report_to: tensorboard writes every loss term arrtune logs."""
@@ -346,19 +346,21 @@ def test_every_training_argument_is_settable_and_tensorboard_logs_every_term(
     from arrtune.config import TrainConfig
 
     assert issubclass(TrainConfig, TrainingArguments)
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)  # restored after the test (train sets it)
     with pytest.raises(ArrtuneError, match="did you mean 'gradient_checkpointing'"):
         load_config(None, ["gradient_checkpoint=true"])
     cfg = load_config(None, [f"model={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "method=arr", "max_steps=3",
                              "warmup_steps=0", "per_device_train_batch_size=2", "disable_tqdm=true",
                              "report_to=tensorboard", "optim=adamw_torch",
                              "lr_scheduler_type=cosine", "lr_scheduler_kwargs={num_cycles: 0.5}",
-                             "adam_beta2=0.95"])  # fmt: skip
+                             "adam_beta2=0.95", f"logging_dir={tmp_path / 'tb'}"])  # fmt: skip
     assert cfg.adam_beta2 == 0.95 and cfg.lr_scheduler_kwargs == {"num_cycles": 0.5}
     run_dir = train(cfg)
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["adam_beta2"] == 0.95 and saved["optim"] == "adamw_torch"
-    # transformers writes to $TENSORBOARD_LOGGING_DIR, else under the Trainer's output_dir (run/checkpoints)
-    events = EventAccumulator(str(next(run_dir.rglob("events.out.tfevents.*")).parent))
+    # logging_dir (gone from transformers 5's TrainingArguments) still says where the event files go
+    assert not list(run_dir.rglob("events.out.tfevents.*"))
+    events = EventAccumulator(str(next((tmp_path / "tb").glob("events.out.tfevents.*")).parent))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     for term in ("sft_loss", "replay_loss", "kl", "lr", "grad_norm", "sft_tokens_per_s", "step_time_s"):

@@ -97,6 +97,12 @@ class TrainConfig(TrainingArguments):
         "none",
         "Experiment trackers: none, tensorboard, wandb, trackio, mlflow, ... (every loss term is logged).",
     )
+    logging_dir: str | None = _field(
+        None,
+        "Where report_to: tensorboard writes its event files (default: $TENSORBOARD_LOGGING_DIR, else "
+        "<output_dir>/checkpoints/runs/<time>_<host>). transformers 5 dropped this TrainingArguments field; "
+        "arrtune keeps it and passes it on as TENSORBOARD_LOGGING_DIR.",
+    )
     remove_unused_columns: bool = _field(False, "Kept False: arrtune's collator builds the batches.")
     label_names: list[str] | None = _field(["labels"], "Kept ['labels'].")
     ddp_find_unused_parameters: bool | None = _field(False, "False: every LoRA parameter gets a gradient.")

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,6 +237,8 @@ def build_trainer(cfg: TrainConfig, args: TrainConfig, run: RunPlan, model: Any,
     if state.is_main_process:
         start_run(run, cfg)
     state.wait_for_everyone()
+    if cfg.logging_dir:  # read by transformers' TensorBoard callback, which the Trainer builds
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.logging_dir).expanduser())
     pad_id = inputs.tokenizer.pad_token_id
     return ARRTrainer(
         model=model,
