@@ -247,6 +247,9 @@ def plain_arr_loss(peft_model, base, sft, replay, loss: dict[str, Any]) -> torch
         ),
         (dict(kl_coef=0.5, replay_ratio=1.0, kl_on="both"), True),
         (dict(kl_coef=0.5, replay_ratio=1.0, kl_on="both", kl_fraction=0.5), False),
+        # replay shorter than one SFT row: one row of its own length, the same as the padded row
+        (dict(kl_coef=0.5, replay_ratio=0.05, kl_on="both"), False),
+        (dict(kl_coef=0.5, replay_ratio=0.05, kl_on="both"), True),
     ],
 )
 def test_training_step_gradients_equal_the_plain_full_logits_objective(
@@ -273,6 +276,8 @@ def test_training_step_gradients_equal_the_plain_full_logits_objective(
         if p.requires_grad:
             assert torch.allclose(ours[name], p.grad, rtol=1e-4, atol=1e-6), name
     assert sum(float(g.abs().sum()) for g in ours.values()) > 0
+    if n_replay < batch["input_ids"].shape[1]:  # the step's replay row: of its own length, unless stacked
+        assert trainer._parts(batch)[1].ids.shape == (1, batch["input_ids"].shape[1] if joint else n_replay)
 
 
 def _tiny(config_cls, model_cls, tokenizer, **extra):

@@ -4,7 +4,7 @@ The training loop, optimizer, schedule, gradient accumulation, mixed precision, 
 checkpointing are the Trainer's. This class only:
 
 * draws a replay batch sized by ``replay_ratio`` x the SFT tokens of the micro-batch, packed to the SFT
-  batch's width, and runs the SFT rows and the replay rows as **two forward/backward passes** (the first
+  batch's width (or, when it fills less than one such row, into one row of its own length), and runs the SFT rows and the replay rows as **two forward/backward passes** (the first
   under ``no_sync``, so DDP still reduces gradients once per micro-batch): activations of only one of them
   are alive at a time, so replay does not raise peak memory;
 * runs the reference (the same network with the LoRA adapter disabled, no gradient) on the rows that carry
@@ -128,7 +128,10 @@ class ARRTrainer(StagedCheckpoints, Trainer):
 
     # -- the loss ------------------------------------------------------------------------------------
     def _parts(self, inputs: dict[str, torch.Tensor]) -> list[_Part]:
-        """The SFT rows and (if replay is on) a replay batch of the same width, with their loss weights."""
+        """The SFT rows and (if replay is on) a replay batch of the same width, with their loss weights. Replay
+        that fills less than one row gets a row of its own length: the same outputs (right padding is never
+        attended to) without paying for a whole row, which at one SFT row per micro-batch would make
+        ``replay_ratio`` 0.25 cost what 1 does. Not when both run in one pass: their rows are stacked."""
         cfg = self.args
         ids, labels, attention = inputs["input_ids"], inputs["labels"], inputs["attention_mask"]
         n_sft_tokens = int(attention.sum())
@@ -136,7 +139,8 @@ class ARRTrainer(StagedCheckpoints, Trainer):
         parts = [_Part("sft", ids, labels, attention, 0.0, 0.0, cfg.kl_mask_target)]
         if self.replay_ratio > 0 and self.replay is not None:
             n_replay = max(1, round(self.replay_ratio * n_sft_tokens))
-            rb = self.replay.batch(n_replay, ids.shape[1], self.processing_class.pad_token_id)
+            width = ids.shape[1] if self.joint_passes else min(ids.shape[1], n_replay)
+            rb = self.replay.batch(n_replay, width, self.processing_class.pad_token_id)
             rb = {k: v.to(ids.device) for k, v in rb.items()}
             parts.append(
                 _Part("replay", rb["input_ids"], rb["labels"], rb["attention_mask"], 0.0, 0.0, False)
