@@ -307,9 +307,8 @@ def worker(args: argparse.Namespace) -> None:
         cfg = trainers[method].args
         kl, ratio, kl_on, fraction = (cfg.resolved_kl_coef(), cfg.resolved_replay_ratio(), cfg.resolved_kl_on(),
                                       cfg.kl_fraction)  # fmt: skip
-        rb = source.batch(
-            max(1, round(ratio * sft_tokens)), batch["input_ids"].shape[1], tokenizer.pad_token_id
-        )
+        n_replay, replay_width = trainers[method].replay_shape(sft_tokens, batch["input_ids"].shape[1])
+        rb = source.batch(n_replay, replay_width, tokenizer.pad_token_id)  # the replay rows the trainer draws
         # the reference's rows: the first ceil(fraction x rows) of the SFT rows and of the replay rows it covers
         ref_rows = [(b, math.ceil(fraction * len(b["input_ids"]))) for b, on in ((batch, kl_on != "replay"),
                     (rb, kl_on != "sft" and ratio > 0)) if on]  # fmt: skip

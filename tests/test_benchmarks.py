@@ -60,6 +60,8 @@ def test_gpu_script_runs_end_to_end_and_reports_every_row(tmp_path: Path) -> Non
             assert r["sft_tokens"] == 512
         default = next(r for r in rows if r["method"] == "arr-default")
         assert (default["replay_ratio"], default["kl_on"]) == (0.25, "replay")  # method: arr's preset
+        # one row of 128 replay tokens, not a padded 512-token row; the reference runs on it alone
+        assert default["replay_positions"] == default["ref_positions"] == 128
         # a 4-bit layer stores its weight packed: FLOPs come from the layer shapes, the same at any precision
         assert default["body_params"] == rows[0]["body_params"] > 0
     bf16, nf4 = (json.loads((out / f"gpu_{s}.json").read_text())[0] for s in ("bf16", "nf4"))

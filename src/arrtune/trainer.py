@@ -128,18 +128,14 @@ class ARRTrainer(StagedCheckpoints, Trainer):
 
     # -- the loss ------------------------------------------------------------------------------------
     def _parts(self, inputs: dict[str, torch.Tensor]) -> list[_Part]:
-        """The SFT rows and (if replay is on) a replay batch of the same width, with their loss weights. Replay
-        that fills less than one row gets a row of its own length: the same outputs (right padding is never
-        attended to) without paying for a whole row, which at one SFT row per micro-batch would make
-        ``replay_ratio`` 0.25 cost what 1 does. Not when both run in one pass: their rows are stacked."""
+        """The SFT rows and (if replay is on) a replay batch (:meth:`replay_shape`), with their loss weights."""
         cfg = self.args
         ids, labels, attention = inputs["input_ids"], inputs["labels"], inputs["attention_mask"]
         n_sft_tokens = int(attention.sum())
         self._sft_tokens += n_sft_tokens
         parts = [_Part("sft", ids, labels, attention, 0.0, 0.0, cfg.kl_mask_target)]
         if self.replay_ratio > 0 and self.replay is not None:
-            n_replay = max(1, round(self.replay_ratio * n_sft_tokens))
-            width = ids.shape[1] if self.joint_passes else min(ids.shape[1], n_replay)
+            n_replay, width = self.replay_shape(n_sft_tokens, ids.shape[1])
             rb = self.replay.batch(n_replay, width, self.processing_class.pad_token_id)
             rb = {k: v.to(ids.device) for k, v in rb.items()}
             parts.append(
@@ -158,6 +154,15 @@ class ARRTrainer(StagedCheckpoints, Trainer):
             part.ce_token_weight = (1.0 if part.name == "sft" else cfg.replay_weight) / max(part.n_targets, 1)
             part.kl_token_weight = kl_coef / n_kl if part in kl_parts and n_kl > 0 else 0.0
         return parts
+
+    def replay_shape(self, n_sft_tokens: int, sft_width: int) -> tuple[int, int]:
+        """(replay tokens, width of the replay rows) for a micro-batch of ``n_sft_tokens`` SFT tokens in rows of
+        ``sft_width``: ``replay_ratio`` x the SFT tokens, in rows as wide as the SFT rows. Replay that fills
+        less than one row gets a row of its own length: the same outputs (right padding is never attended
+        to) without paying for a whole row, which at one SFT row per micro-batch would make ``replay_ratio``
+        0.25 cost what 1 does. Not when both run in one pass: their rows are stacked."""
+        n_replay = max(1, round(self.replay_ratio * n_sft_tokens))
+        return n_replay, sft_width if self.joint_passes else min(sft_width, n_replay)
 
     def _policy_hidden(self, model: Any, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """Final hidden states ``(B, T, H)`` of the policy, through the (DDP-)wrapped model's own forward.
