@@ -38,6 +38,16 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", 
 TERMS = ("loss", "sft_loss", "replay_loss", "kl", "grad_norm", "lr")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Runs in this process on one thread, like the subprocess runs they are compared with (``ENV``): the
+    thread count changes the order of float sums, which alone moves a gradient norm by ~1e-6."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # -- helpers -------------------------------------------------------------------------------------------
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
