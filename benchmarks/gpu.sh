@@ -30,6 +30,9 @@ export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TRANSFORMERS_VERBO
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2> /dev/null || echo "no nvidia-smi"
 python3 -c "import importlib.metadata as m, torch; print('cuda', torch.cuda.is_available(), *(f'{p} {m.version(p)}' for p in ('torch', 'transformers', 'peft', 'accelerate')))" \
   || { echo "torch/transformers/peft missing: see benchmarks/gpu_wheels.sh"; exit 1; }
+if [[ -z "${GPU_MODELS:-}" ]] && ! python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  echo "no CUDA device: the real shapes are for a GPU (GPU_MODELS=tiny-shape checks this script on a CPU)"; exit 1
+fi
 read -r -a models <<< "${GPU_MODELS:-qwen2.5-1.5b-shape qwen2.5-7b-shape}"
 common=(--synthetic --precisions bf16 --batch-size 1 --max-length 512 --steps 3 --peak-tflops "${PEAK_TFLOPS:-989}"
         --models "${models[@]}" --checkpointing on)

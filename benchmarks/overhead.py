@@ -50,6 +50,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -261,8 +262,9 @@ def worker(args: argparse.Namespace) -> None:
     sft_tokens = int(batch["attention_mask"].sum())
     trainers = {}
     for method in args.methods:
-        targs = build_config({"output_dir": "/tmp/arrtune-bench", "use_cpu": device == "cpu", "max_steps": 1,
-                              "precision": args.precision, "method": "arr", **SETTINGS[method]}, "benchmark")  # fmt: skip
+        targs = build_config({"output_dir": os.path.join(tempfile.gettempdir(), "arrtune-bench"), "max_steps": 1,
+                              "use_cpu": device == "cpu", "precision": args.precision, "method": "arr",
+                              **SETTINGS[method]}, "benchmark")  # fmt: skip
         trainers[method] = ARRTrainer(model=model, args=targs, processing_class=tokenizer,
                                       replay=replay if targs.resolved_replay_ratio() else None)  # fmt: skip
     if "arr-copy" in trainers:
@@ -449,6 +451,7 @@ def measure(args: argparse.Namespace, device: str, results: list[dict]) -> None:
     """Run the workers of every (model, precision, weights, checkpointing) row, appending to ``results``."""
     rows = [(m, p, w, c) for m in args.models for p in args.precisions for w in args.weights
             for c in args.checkpointing]  # fmt: skip
+    memory_to_measure: list[tuple[dict, list[str]]] = []  # timed rows whose peak memory is measured last
     for model, precision, weights, checkpointing in rows:
         cmd = [sys.executable, __file__, "--worker", "--model", model, "--precision", precision,
                "--weight", weights, "--checkpoint", checkpointing, "--max-length", str(args.max_length),
@@ -466,15 +469,21 @@ def measure(args: argparse.Namespace, device: str, results: list[dict]) -> None:
         timed = run_worker(cmd + ["--steps", str(args.steps), "--warmup", str(args.warmup), "--methods",
                                   *args.methods])  # fmt: skip
         for r in timed:  # the timing process's peak is all methods' together: each is measured alone below
+            print(f"  timed {model} {precision} {r['method']}: {r['step_s']:.2f} s/step", flush=True)
             r["peak_bytes"] = float("nan")
             results.append(r)
-        for r in timed:
-            print(f"  timed {model} {precision} {r['method']}: {r['step_s']:.2f} s/step", flush=True)
-            # peak memory: each method alone in a fresh process, one step. On CPU with every block over
-            # 64 KiB mmapped (returned to the OS on free), so that RSS tracks live memory
-            env = {"MALLOC_MMAP_THRESHOLD_": "65536"} if r["device"] == "cpu" else None
-            alone = run_worker(cmd + ["--steps", "1", "--warmup", "0", "--methods", r["method"]], env)
-            r["peak_bytes"] = alone[0]["peak_bytes"] if alone else float("nan")
+            memory_to_measure.append((r, cmd))
+    # peak memory after every row is timed (a time limit then costs peaks, not timings): each method alone in
+    # a fresh process, one step. On CPU with every block over 64 KiB mmapped (returned to the OS on free), so
+    # that RSS tracks live memory
+    for r, cmd in memory_to_measure:
+        env = {"MALLOC_MMAP_THRESHOLD_": "65536"} if r["device"] == "cpu" else None
+        alone = run_worker(cmd + ["--steps", "1", "--warmup", "0", "--methods", r["method"]], env)
+        r["peak_bytes"] = alone[0]["peak_bytes"] if alone else float("nan")
+        print(
+            f"  alone {r['model']} {r['weights']} {r['method']}: peak {r['peak_bytes'] / 2**30:.2f} GB",
+            flush=True,
+        )
 
 
 def report(results: list[dict], rates: dict[str, float], json_path: str | None) -> None:

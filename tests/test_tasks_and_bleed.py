@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from arrtune.data.task import builtin_task, exact_match, keywords_response
@@ -95,3 +97,13 @@ def test_the_evaluated_task_is_the_runs_own() -> None:
     assert resolve_from_run(auto, None).load_in_4bit is False
     plain = EvalConfig(load_in_4bit=False)
     assert resolve_from_run(plain, {"data": "builtin:vornish", "load_in_4bit": True}).load_in_4bit is False
+
+
+def test_load_in_4bit_auto_needs_bitsandbytes_only_for_a_4bit_run(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    auto = EvalConfig.from_dict({"load_in_4bit": "auto"}, "test")
+    assert resolve_from_run(auto, {"data": "builtin:vornish"}).load_in_4bit is False
+    with pytest.raises(ArrtuneError, match="need bitsandbytes"):
+        resolve_from_run(auto, {"data": "builtin:vornish", "load_in_4bit": True})
+    with pytest.raises(ArrtuneError, match="need bitsandbytes"):
+        EvalConfig.from_dict({"load_in_4bit": True}, "test")

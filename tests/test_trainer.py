@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -351,7 +352,7 @@ def test_every_training_argument_is_settable_and_tensorboard_logs_every_term(
     from arrtune.config import TrainConfig
 
     assert issubclass(TrainConfig, TrainingArguments)
-    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)  # restored after the test (train sets it)
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     with pytest.raises(ArrtuneError, match="did you mean 'gradient_checkpointing'"):
         load_config(None, ["gradient_checkpoint=true"])
     cfg = load_config(None, [f"model={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "method=arr", "max_steps=3",
@@ -365,6 +366,7 @@ def test_every_training_argument_is_settable_and_tensorboard_logs_every_term(
     assert saved["adam_beta2"] == 0.95 and saved["optim"] == "adamw_torch"
     # logging_dir (gone from transformers 5's TrainingArguments) still says where the event files go
     assert not list(run_dir.rglob("events.out.tfevents.*"))
+    assert "TENSORBOARD_LOGGING_DIR" not in os.environ  # one run's logging_dir does not reach the next
     events = EventAccumulator(str(next((tmp_path / "tb").glob("events.out.tfevents.*")).parent))
     events.Reload()
     tags = set(events.Tags()["scalars"])

@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,6 @@ def choose_scale(peft_model: Any, tokenizer: Any, eval_cfg: Any, scales: tuple[f
     (token KL base || adapted) on held-out text. ``full_drift``: the full adapter's drift from the run's own
     evaluation, used instead of measuring it when the full adapter is kept. Needs the run's held-out task
     (``eval_cfg.task`` resolved)."""
-    from dataclasses import replace
-
     from arrtune.evaluation._common import binomial_stderr, paired_stderr
     from arrtune.evaluation.generation import eos_token_ids
     from arrtune.evaluation.runner import load_task, text_sets
@@ -244,7 +243,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, adapter_only:
         eval_cfg = EvalConfig.from_dict(evaluation["config"], f"{run / 'eval.json'}: config")
     else:
         eval_cfg = EvalConfig.from_dict(eval_settings or {}, "eval setting")
-    eval_cfg = resolve_from_run(eval_cfg, config)
+    # the model exported (and evaluated here) is the adapter merged into the full-precision base
+    eval_cfg = replace(resolve_from_run(eval_cfg, config), load_in_4bit=False)
     if scale == "auto" and not eval_cfg.task:
         raise ArrtuneError(
             f"--scale auto: {run} has no held-out task to measure (set task_eval in its config)"

@@ -23,6 +23,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,20 +239,38 @@ def build_trainer(cfg: TrainConfig, args: TrainConfig, run: RunPlan, model: Any,
     if state.is_main_process:
         start_run(run, cfg)
     state.wait_for_everyone()
-    if cfg.logging_dir:  # read by transformers' TensorBoard callback, which the Trainer builds
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.logging_dir).expanduser())
     pad_id = inputs.tokenizer.pad_token_id
-    return ARRTrainer(
-        model=model,
-        args=args,
-        train_dataset=inputs.examples,
-        data_collator=lambda batch: collate_sft(batch, pad_id),
-        processing_class=inputs.tokenizer,
-        callbacks=[
-            MetricsJsonl(run.run_dir / "metrics.jsonl", after_resume=checkpoint_step(run.resume_from))
-        ],
-        replay=replay,
-    )
+    # logging_dir reaches transformers' TensorBoard callback, which reads it when the Trainer builds it
+    with environment(
+        "TENSORBOARD_LOGGING_DIR", str(Path(cfg.logging_dir).expanduser()) if cfg.logging_dir else None
+    ):
+        return ARRTrainer(
+            model=model,
+            args=args,
+            train_dataset=inputs.examples,
+            data_collator=lambda batch: collate_sft(batch, pad_id),
+            processing_class=inputs.tokenizer,
+            callbacks=[
+                MetricsJsonl(run.run_dir / "metrics.jsonl", after_resume=checkpoint_step(run.resume_from))
+            ],
+            replay=replay,
+        )
+
+
+@contextmanager
+def environment(name: str, value: str | None) -> Iterator[None]:
+    """Within the block, environment variable ``name`` is ``value`` (unchanged when None); then as before, so
+    that one run's setting does not reach the next run in this process."""
+    before = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 # -- 5. train --------------------------------------------------------------------------------------------

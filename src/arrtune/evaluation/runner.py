@@ -164,7 +164,7 @@ class EvalConfig:
             elif key == "load_in_4bit":
                 if not isinstance(value, bool) and value != "auto":
                     raise ArrtuneError(f"{where} must be true, false or auto, got {value!r}")
-                if value:
+                if value is True:
                     from arrtune.config import require_bitsandbytes
 
                     require_bitsandbytes(where)
