@@ -8,8 +8,8 @@
 #
 # Needs torch (CUDA), transformers, peft, accelerate, pyyaml, safetensors; not the model or data packages
 # (--synthetic token rows). A machine without internet gets the versions arrtune is tested with from
-# wheels in .whl/ (GPU_WHEELS), which `bash benchmarks/gpu_wheels.sh` downloads (on a machine with PyPI) and this script
-# installs to /tmp/site first.
+# wheels in .whl/ (GPU_WHEELS), which `bash benchmarks/gpu_wheels.sh` downloads (on a machine with PyPI)
+# and this script installs to /tmp/site first.
 #
 # Usage: bash benchmarks/gpu.sh [OUT_DIR]    (OUT_DIR/gpu_bf16.json, gpu_nf4.json, gpu.log: the printed tables)
 # Each stage has its own time limit; a stage stopped by it still prints and saves the rows it measured, and

@@ -117,7 +117,6 @@ def build_model(
     """The model under test: SmolLM2-135M (real weights) or a random model of a Qwen2.5 shape, with base
     weights in ``weights`` (fp32, bf16, or nf4 via a saved copy reloaded 4-bit, computing in ``compute``)."""
     import hashlib
-    import tempfile
 
     from arrtune.models import load_model, load_tokenizer
 
@@ -133,10 +132,7 @@ def build_model(
             Path(tempfile.gettempdir())
             / f"arrtune-{name}-{hashlib.sha1(repr(SHAPES[name]).encode()).hexdigest()[:8]}"
         )
-        if (
-            not (saved / "model.safetensors.index.json").is_file()
-            and not (saved / "model.safetensors").is_file()
-        ):
+        if not saved.is_dir():  # renamed into place once complete: present means whole
             partial = Path(tempfile.mkdtemp(prefix=saved.name + ".tmp-", dir=saved.parent))
             random_model(name, "bf16").save_pretrained(partial)
             partial.rename(saved)  # complete or absent: a killed save never passes for a model
@@ -458,8 +454,7 @@ def measure(args: argparse.Namespace, device: str, results: list[dict]) -> None:
                "--batch-size", str(args.batch_size)] + (["--synthetic"] if args.synthetic else [])  # fmt: skip
         if args.memory_only:
             for method in args.methods:
-                env = {"MALLOC_MMAP_THRESHOLD_": "65536"} if device == "cpu" else None
-                one = run_worker(cmd + ["--steps", "1", "--warmup", "0", "--methods", method], env)
+                one = run_alone(cmd, method, device)
                 for r in one:
                     print(f"  {model} {precision} weights={weights} checkpointing={checkpointing} "
                           f"{method}: one step {r['step_s']:.1f} s, peak {r['peak_bytes'] / 2**30:.2f} GB",
@@ -473,17 +468,21 @@ def measure(args: argparse.Namespace, device: str, results: list[dict]) -> None:
             r["peak_bytes"] = float("nan")
             results.append(r)
             memory_to_measure.append((r, cmd))
-    # peak memory after every row is timed (a time limit then costs peaks, not timings): each method alone in
-    # a fresh process, one step. On CPU with every block over 64 KiB mmapped (returned to the OS on free), so
-    # that RSS tracks live memory
+    # peak memory after every row is timed (a time limit then costs peaks, not timings)
     for r, cmd in memory_to_measure:
-        env = {"MALLOC_MMAP_THRESHOLD_": "65536"} if r["device"] == "cpu" else None
-        alone = run_worker(cmd + ["--steps", "1", "--warmup", "0", "--methods", r["method"]], env)
+        alone = run_alone(cmd, r["method"], r["device"])
         r["peak_bytes"] = alone[0]["peak_bytes"] if alone else float("nan")
         print(
             f"  alone {r['model']} {r['weights']} {r['method']}: peak {r['peak_bytes'] / 2**30:.2f} GB",
             flush=True,
         )
+
+
+def run_alone(cmd: list[str], method: str, device: str) -> list[dict]:
+    """``method`` alone in a fresh worker process, one step: its peak memory (and that step's time). On CPU with
+    every block over 64 KiB mmapped (returned to the OS on free), so that RSS tracks live memory."""
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536"} if device == "cpu" else None
+    return run_worker(cmd + ["--steps", "1", "--warmup", "0", "--methods", method], env)
 
 
 def report(results: list[dict], rates: dict[str, float], json_path: str | None) -> None:

@@ -61,6 +61,12 @@ def equal_length_examples(tokenizer, n: int) -> list[dict[str, str]]:
     return best[:n]
 
 
+def write_replay_docs(path: Path) -> Path:
+    """``N_REPLAY_DOCS`` short replay documents, separated by blank lines."""
+    path.write_text("\n\n".join(f"Replay document number {i} is about topic {i * 7 % 13}." for i in range(N_REPLAY_DOCS)))  # fmt: skip
+    return path
+
+
 def per_step(run_dir: Path) -> dict[int, dict]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "sft_loss" in r]
@@ -75,8 +81,7 @@ def test_two_processes_match_one_process_and_shard_the_replay_stream(
 ) -> None:
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in equal_length_examples(tiny_tokenizer, 16)))
-    replay = tmp_path / "replay.txt"
-    replay.write_text("\n\n".join(f"Replay document number {i} is about topic {i * 7 % 13}." for i in range(N_REPLAY_DOCS)))  # fmt: skip
+    replay = write_replay_docs(tmp_path / "replay.txt")
     # drift_probe=0: the controller reads the loss's KL, which is rank-local until reduced across ranks
     common = [f"model={tiny_model_dir}", f"data={data}", f"replay={replay}", "method=arr", "replay_weight=0",
               "kl_on=sft", "kl_coef=0.1", "max_steps=6", "save_steps=3", "warmup_steps=0", "learning_rate=0.01",
@@ -146,8 +151,7 @@ def test_fsdp_two_processes_match_one_process(tiny_model_dir: Path, tiny_tokeniz
 
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in equal_length_examples(tiny_tokenizer, 12)))
-    replay = tmp_path / "replay.txt"
-    replay.write_text("\n\n".join(f"Replay document number {i} is about topic {i * 7 % 13}." for i in range(N_REPLAY_DOCS)))  # fmt: skip
+    replay = write_replay_docs(tmp_path / "replay.txt")
     config = tmp_path / "fsdp.yaml"
     config.write_text(f"model: {tiny_model_dir}\ndata: {data}\nreplay: {replay}\nmethod: arr\nkl_coef: 0.1\n"
                       "kl_on: sft\nreplay_ratio: 1\nreplay_weight: 0\nmax_steps: 3\nwarmup_steps: 0\n"

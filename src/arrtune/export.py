@@ -244,7 +244,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, adapter_only:
     else:
         eval_cfg = EvalConfig.from_dict(eval_settings or {}, "eval setting")
     # the model exported (and evaluated here) is the adapter merged into the full-precision base
-    eval_cfg = replace(resolve_from_run(eval_cfg, config), load_in_4bit=False)
+    eval_cfg = resolve_from_run(replace(eval_cfg, load_in_4bit=False), config)
     if scale == "auto" and not eval_cfg.task:
         raise ArrtuneError(
             f"--scale auto: {run} has no held-out task to measure (set task_eval in its config)"

@@ -4,8 +4,8 @@ The training loop, optimizer, schedule, gradient accumulation, mixed precision, 
 checkpointing are the Trainer's. This class only:
 
 * draws a replay batch sized by ``replay_ratio`` x the SFT tokens of the micro-batch, packed to the SFT
-  batch's width (or, when it fills less than one such row, into one row of its own length), and runs the SFT rows and the replay rows as **two forward/backward passes** (the first
-  under ``no_sync``, so DDP still reduces gradients once per micro-batch): activations of only one of them
+  batch's width (or, when it fills less than one such row, into one row of its own length), and runs the
+  SFT rows and the replay rows as **two forward/backward passes** (the first under ``no_sync``, so DDP still reduces gradients once per micro-batch): activations of only one of them
   are alive at a time, so replay does not raise peak memory;
 * runs the reference (the same network with the LoRA adapter disabled, no gradient) on the rows that carry
   the KL, keeping only its final hidden states;
