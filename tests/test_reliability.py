@@ -533,6 +533,8 @@ def test_fuzzed_config_files_give_a_config_or_an_arrtune_error(blob: bytes, tmp_
 
 
 FIELD_VALUES = st.one_of(
+    # values of the kinds transformers checks late (strategies, trackers, optimizers, schedulers, ...)
+    st.sampled_from(["steps", "epoch", "best", "notatracker", "all", "wandb", "adamw_torch", "sgd", "no", "auto"]),
     st.integers(min_value=-(2**40), max_value=2**40), st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12), st.booleans(), st.none(), st.lists(st.text(max_size=5), max_size=3),
 )  # fmt: skip
@@ -545,12 +547,13 @@ def test_any_value_of_any_field_is_a_config_or_one_error_before_anything_is_read
 ) -> None:
     """Every field with arbitrary values: validation and the TrainingArguments built from the config either
     pass or raise ArrtuneError (which the CLI prints as one line); nothing else escapes."""
-    from arrtune.recipe import training_arguments
+    from arrtune.recipe import check_inputs, training_arguments
 
     item = f"{field}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
     try:
         cfg = load_config(None, [item, f"output_dir={tmp_path / 'r'}"])
         training_arguments(cfg, tmp_path / "r")
+        check_inputs(cfg)  # transformers' own Trainer checks, and the task_eval file
     except ArrtuneError:
         pass
     assert not (tmp_path / "r").exists()
@@ -805,3 +808,135 @@ def test_disk_full_is_one_line(
                      "max_steps=1", f"output_dir={mount / 'run'}", "disable_tqdm=true"])  # fmt: skip
         assert code == 2
         assert "No space left on device" in error_line(capsys.readouterr().err)
+
+
+# 3. inputs that transformers or the evaluation would refuse late: refused before anything is written
+
+
+def run_cli(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "arrtune", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env or ENV)  # fmt: skip
+
+
+def assert_one_error(done: subprocess.CompletedProcess, fragment: str) -> None:
+    assert done.returncode == 2, done.stderr
+    assert [line for line in done.stderr.splitlines() if line.strip()] == [error_line(done.stderr)]
+    assert fragment in done.stderr, done.stderr
+
+
+def _late_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (overrides, fragment of the error line): values arrtune's own rules pass and transformers'
+    Trainer or the evaluation refused only after training (or after the run directory was cleared)."""
+    (tmp / "not_jsonl.jsonl").write_text("prompt: a\ncompletion: b\n")
+    write_jsonl(
+        tmp / "no_response.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": " "}]
+    )
+    return {
+        "task_eval missing": ([f"task_eval={tmp / 'missing.jsonl'}"], "task_eval: cannot read"),
+        "task_eval not JSON Lines": ([f"task_eval={tmp / 'not_jsonl.jsonl'}"], "not_jsonl.jsonl:1: invalid JSON"),
+        "task_eval without a response": ([f"task_eval={tmp / 'no_response.jsonl'}"], "no_response.jsonl:2: empty response"),
+        "unknown tracker": (["report_to=notatracker"], "notatracker is not supported"),
+        "tracker not installed": (["report_to=wandb"], "WandbCallback requires wandb"),
+        "evaluation without held-out data": (["eval_strategy=steps"], "eval_strategy=steps evaluates on held-out"),
+    }  # fmt: skip
+
+
+def test_late_refusals_come_first_and_keep_the_earlier_run(full_run: Path, tiny_model_dir: Path, inputs: Path,
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    import importlib.util
+
+    run = copy_run(full_run, tmp_path / "earlier")
+    before = snapshot(run)
+    for name, (overrides, fragment) in _late_cases(tmp_path).items():
+        if name == "tracker not installed" and importlib.util.find_spec("wandb") is not None:
+            continue
+        for target in (run, tmp_path / f"new-{len(name)}"):
+            done = run_cli("train", "--overwrite", *train_args(tiny_model_dir, inputs, target), *overrides)
+            assert_one_error(done, fragment)
+        assert snapshot(run) == before, name
+        assert not (tmp_path / f"new-{len(name)}").exists(), name  # no lock, no config.yaml left behind
+
+
+def test_a_grid_with_no_runs_is_one_line(tmp_path: Path) -> None:
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"output_dir: {tmp_path / 'out'}\nruns: []\n")
+    assert_one_error(run_cli("compare", "--config", grid), "grid: no runs to train")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_grid_checks_every_run_before_training_any(tiny_model_dir: Path, inputs: Path,
+                                                               tmp_path: Path) -> None:  # fmt: skip
+    good = write_jsonl(
+        tmp_path / "held_out.jsonl", [{"prompt": "What is 1 plus 1?", "completion": "It is 2."}]
+    )
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "out"),
+        "base": {"model": str(tiny_model_dir), "data": str(inputs / "sft.jsonl"), "replay": str(inputs / "replay.txt"),
+                 "task_eval": str(good), "max_steps": 1, "disable_tqdm": True},
+        "runs": [{"method": "sft"}, {"method": "arr", "report_to": "notatracker"}],
+        "eval": {"benchmarks": [], "n_text": 0, "n_questions": 0, "n_task": 1},
+    }))  # fmt: skip
+    assert_one_error(
+        run_cli("compare", "--config", grid),
+        "run arr-report_to=notatracker: config: notatracker is not supported",
+    )
+    assert not (tmp_path / "out" / "runs").exists()  # the first run was not trained
+
+
+def test_any_value_trainer_refuses_is_refused_before_the_run(tmp_path: Path) -> None:
+    """Values of HF fields that pass TrainConfig and TrainingArguments but fail Trainer.__init__."""
+    from arrtune.recipe import check_inputs
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}])
+    for items in (["report_to=notatracker"], ["report_to=[tensorboard, notatracker]"],
+                  ["eval_strategy=epoch", f"data={data}"]):  # fmt: skip
+        cfg = load_config(None, [*items, f"output_dir={tmp_path / 'r'}"])
+        with pytest.raises(ArrtuneError, match="^config: "):
+            check_inputs(cfg)
+    assert not (tmp_path / "r").exists()
+
+
+# 4. one line means one line, whatever libraries log
+
+
+NOISY_SITECUSTOMIZE = '''
+import importlib.abc, logging, sys, warnings
+
+class _Noisy(importlib.abc.MetaPathFinder):
+    """Logs as a library does at import (kernels under HF_HUB_OFFLINE), when transformers is first imported."""
+    done = False
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "transformers" and not self.done:
+            _Noisy.done = True
+            logging.getLogger("noisylib.hub").warning("NOISY-WARNING at import")
+            logging.getLogger("noisylib.ops").error("NOISY-ERROR at import")
+            warnings.warn("NOISY-PYWARNING at import", FutureWarning)
+        return None
+
+sys.meta_path.insert(0, _Noisy())
+'''
+
+
+def test_library_log_lines_never_come_before_the_error_line(tiny_model_dir: Path, inputs: Path,
+                                                            tmp_path: Path) -> None:  # fmt: skip
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(NOISY_SITECUSTOMIZE)
+    env = {**ENV, "PYTHONPATH": str(tmp_path / "site")}
+    env.pop("TRANSFORMERS_VERBOSITY")
+    base = [f"model={tiny_model_dir}", f"data={inputs / 'sft.jsonl'}", "method=sft", "max_steps=1",
+            "disable_tqdm=true"]  # fmt: skip
+    # fails after the model loaded: only the error line
+    failed = run_cli("train", *base, "target_modules=[not_a_module]", f"output_dir={tmp_path / 'a'}", env=env)
+    assert_one_error(failed, "target_modules")
+    # fails at the first check: only the error line
+    assert_one_error(run_cli("train", *base, "seed=-1", f"output_dir={tmp_path / 'b'}", env=env), "seed")
+    # succeeds: the library's error is shown (after the run), its warnings are not
+    done = run_cli("train", *base, f"output_dir={tmp_path / 'c'}", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "NOISY-ERROR" in done.stderr and "NOISY-WARNING" not in done.stderr
+    assert "NOISY-PYWARNING" not in done.stderr
+    # --debug shows everything
+    debug = run_cli("--debug", "train", *base, "seed=-1", f"output_dir={tmp_path / 'd'}", env=env)
+    assert "NOISY-WARNING" in debug.stderr and "NOISY-ERROR" in debug.stderr

@@ -434,3 +434,40 @@ def test_base_weights_load_in_the_training_precision(
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model_dtype"] == str(dtype).split(".")[1]
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in steps if "loss" in r)
+
+
+def test_evaluate_scores_the_sft_loss_and_leaves_training_state_alone(tiny_model_dir, tiny_tokenizer,
+                                                                      tmp_path) -> None:  # fmt: skip
+    """Trainer.evaluate(): eval_loss is the response-token CE of the held-out batch (transformers' own loss),
+    and evaluating draws no replay, logs no training term and does not move the drift-budget controller."""
+    examples, _ = load_sft_examples("builtin:vornish", tiny_tokenizer, max_length=128, split="test")
+    held_out = examples[:4]
+    replay = ReplayStream("builtin", tiny_tokenizer)
+    args = arr_config(tmp_path, kl_coef=1.0, replay_ratio=0.5, kl_on="replay", drift_budget=0.05,
+                      per_device_eval_batch_size=4, report_to="none")  # fmt: skip
+    trainer = ARRTrainer(model=lora_model(tiny_model_dir, randomize_b=True), args=args, processing_class=tiny_tokenizer,
+                         replay=replay, eval_dataset=held_out,
+                         data_collator=lambda b: collate_sft(b, tiny_tokenizer.pad_token_id))  # fmt: skip
+    position, coef = json.dumps(replay.state_dict()), trainer.controller.coef
+    metrics = trainer.evaluate()
+    batch = collate_sft(held_out, tiny_tokenizer.pad_token_id)
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = float(trainer.model(**batch).loss)
+    assert metrics["eval_loss"] == pytest.approx(expected, abs=1e-5)
+    assert json.dumps(replay.state_dict()) == position and trainer.controller.coef == coef
+    assert trainer._terms == {} and trainer._sft_tokens == 0
+
+
+def test_eval_strategy_evaluates_task_eval_during_training(tiny_model_dir, tmp_path) -> None:
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text(
+        "".join(json.dumps({"prompt": f"Say {i}", "completion": f"{i}"}) + "\n" for i in range(3))
+    )
+    run = train(load_config(None, [f"model={tiny_model_dir}", "method=arr", "max_steps=4", "eval_strategy=steps",
+                                   "eval_steps=2", f"task_eval={held_out}", "disable_tqdm=true", "precision=fp32",
+                                   f"output_dir={tmp_path / 'run'}"]))  # fmt: skip
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(math.isfinite(r["eval_loss"]) for r in evals)
+    assert evals[0]["eval_loss"] != evals[1]["eval_loss"]

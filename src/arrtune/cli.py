@@ -7,7 +7,6 @@ or after ``train``) shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -276,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
+    from arrtune.logs import configure
+
+    # first of all (building the parser imports transformers): libraries' log records are held, not printed,
+    # so a failure is one line and a success shows their errors after it
+    console = configure("--debug" in (sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value settings may follow options (export RUN --out D n_task=100): argparse leaves them over
@@ -283,24 +287,25 @@ def _run(argv: list[str] | None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
     if not args.debug:
-        # bitsandbytes (imported by PEFT whenever installed) warns at import about optional CPU kernels
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        # datasets and the Hub client print through handlers of their own: only their errors
+        os.environ.setdefault("DATASETS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
         # loading bars of transformers / the Hub would come before a one-line error; training keeps its own
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        import warnings
-
-        warnings.filterwarnings("ignore")
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        # transformers' records go to the root handler (held) instead of its own stderr handler
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()
+        hf_logging.set_verbosity_warning()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        code = func(args)
+        if console is not None:
+            console.show_held()
+        return code
     except ArrtuneError as exc:
         if args.debug:
             raise

@@ -1,7 +1,7 @@
 """The configuration of one run: ``TrainConfig``, a ``transformers.TrainingArguments`` with arrtune's fields.
 
 As TRL's ``SFTConfig`` does, ``TrainConfig`` subclasses ``TrainingArguments``: every Hugging Face training
-argument (``gradient_checkpointing``, ``optim``, ``report_to``, ``lr_scheduler_kwargs``, ``torch_compile``,
+argument (``activation_checkpointing``, ``optim``, ``report_to``, ``lr_scheduler_kwargs``, ``torch_compile``,
 ``push_to_hub``, ...) is set in the same YAML file or ``key=value`` override as arrtune's own fields, and the
 Trainer receives this object itself. Hugging Face's fields are documented in transformers'
 ``TrainingArguments`` reference; arrtune's fields (and the HF fields whose defaults arrtune changes) carry
@@ -368,6 +368,33 @@ class TrainConfig(TrainingArguments):
         return self
 
 
+#: transformers 5.25 renamed ``gradient_checkpointing*`` to ``activation_checkpointing*`` (the old names go in
+#: v6). arrtune accepts both on every version: on an older transformers the new names are given the old ones.
+CHECKPOINTING_NAMES = {
+    "activation_checkpointing": "gradient_checkpointing",
+    "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs",
+}
+
+
+def _field_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _key(key: str) -> str:
+    """A config key as this transformers version names it (the checkpointing fields' new or old names)."""
+    if key in CHECKPOINTING_NAMES and key not in _field_names():
+        return CHECKPOINTING_NAMES[key]
+    return key
+
+
+def activation_checkpointing(cfg: TrainingArguments) -> tuple[bool, dict[str, Any] | None]:
+    """(on, kwargs) of activation checkpointing, under either name of the fields."""
+    on = getattr(cfg, "activation_checkpointing", None)
+    if on is None:
+        return bool(cfg.gradient_checkpointing), cfg.gradient_checkpointing_kwargs
+    return bool(on), getattr(cfg, "activation_checkpointing_kwargs", None)
+
+
 def require_bitsandbytes(where: str) -> None:
     """Raise ``ArrtuneError`` (naming ``where``) unless bitsandbytes can be imported."""
     import importlib.util
@@ -508,10 +535,12 @@ def load_config(
     values: dict[str, Any] = {}
     if path is not None:
         for key, value in read_yaml_mapping(path, "config", "a mapping of config keys").items():
-            _check_key(str(key), str(path))
+            key = _key(str(key))
+            _check_key(key, str(path))
             values[key] = _coerce(key, value, str(path))
     for item in overrides:
         key, value = parse_override(item)
+        key = _key(key)
         _check_key(key, "override")
         values[key] = _coerce(key, value, "override")
     return build_config(values, "config")

@@ -109,6 +109,10 @@ def expand_runs(grid: GridConfig) -> list[RunSpec]:
                 values_s = values if seed is None else {**values, "seed": seed}
                 values_s["output_dir"] = str(Path(grid.output_dir) / "runs" / name_s)
                 specs.append(RunSpec(name_s, build_config(values_s, f"grid: runs[{i}]")))
+    if not specs:
+        raise ArrtuneError(
+            "grid: no runs to train ('runs' is empty); give at least one run, e.g. runs: [{method: arr}]"
+        )
     names = [s.name for s in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -232,6 +236,7 @@ def _run_grid(grid: GridConfig, progress: bool, debug: bool) -> Path:
         write_eval_json,
     )
     from arrtune.models import load_model, load_tokenizer
+    from arrtune.recipe import check_inputs
     from arrtune.report import write_report
     from arrtune.rundir import LOCK_NAME, hold_lock
 
@@ -249,6 +254,11 @@ def _run_grid(grid: GridConfig, progress: bool, debug: bool) -> Path:
         )
     eval_cfg = resolve_from_run(eval_cfg, specs[0].config.to_dict())
     check_eval_inputs(eval_cfg)
+    for spec in specs:  # every run's inputs, before the first one trains
+        try:
+            check_inputs(spec.config)
+        except ArrtuneError as exc:
+            raise ArrtuneError(f"grid: run {spec.name}: {exc}") from None
     if out.exists() and not out.is_dir():
         raise ArrtuneError(f"{out}: output_dir exists and is a file, not a directory")
     out.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from arrtune.atomic import write_atomic
-from arrtune.config import TrainConfig
+from arrtune.config import TrainConfig, activation_checkpointing
 from arrtune.errors import ArrtuneError
 from arrtune.rundir import (
     LOCK_NAME,
@@ -73,6 +73,7 @@ def _train(cfg: TrainConfig, overwrite: bool) -> Path:
         )
         return run.run_dir
     args = training_arguments(cfg, run.run_dir)
+    check_inputs(cfg)
     inputs = load_inputs(cfg, state)
     model, replay, self_replay_info = load_base_model(cfg, inputs, state)
     trainer = build_trainer(cfg, args, run, model, inputs, replay, state)
@@ -115,6 +116,47 @@ def training_arguments(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     return build_config(values, "config")
 
 
+def check_inputs(cfg: TrainConfig) -> None:
+    """What can be checked before the model is loaded and anything is written, beyond the config's own
+    values: the ``task_eval`` file (exists, parses, every row has a response to score), and transformers' own
+    ``Trainer`` checks of the training arguments (trackers, evaluation strategy, ...), run by building a
+    ``Trainer`` around a stand-in model in a temporary directory. Raises ``ArrtuneError``."""
+    import tempfile
+
+    from transformers import Trainer
+    from transformers.trainer_utils import IntervalStrategy
+
+    from arrtune.config import build_config
+    from arrtune.data.sft import read_held_out
+
+    if cfg.task_eval:
+        read_held_out(cfg.task_eval, "task_eval")
+    held_out = bool(cfg.task_eval) or cfg.data.startswith("builtin:")
+    if cfg.eval_strategy != "no" and not held_out:
+        raise ArrtuneError(
+            f"config: eval_strategy={IntervalStrategy(cfg.eval_strategy).value} evaluates on held-out examples "
+            "of the task: set task_eval=FILE (or train a built-in task)"
+        )
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
+    with tempfile.TemporaryDirectory(prefix="arrtune-check-") as tmp:
+        values.update(output_dir=tmp, push_to_hub=False)
+        args = build_config(values, "config")
+        try:
+            Trainer(model=_StandIn(), args=args, train_dataset=[{}], eval_dataset=[{}] if held_out else None)
+        except ArrtuneError:
+            raise
+        except Exception as exc:  # noqa: BLE001 (the Trainer raises ValueError, RuntimeError, ImportError, ...)
+            raise ArrtuneError(f"config: {' '.join(str(exc).split()) or type(exc).__name__}") from exc
+
+
+class _StandIn(torch.nn.Module):
+    """The smallest model a ``transformers.Trainer`` accepts (for :func:`check_inputs`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+
 # -- 2. inputs -------------------------------------------------------------------------------------------
 @dataclass
 class Inputs:
@@ -125,6 +167,8 @@ class Inputs:
     stats: Any  # arrtune.data.sft.LoadStats: what was kept and dropped
     corpus: Any = None  # arrtune.data.replay.ReplayStream over the replay corpus (None: no corpus replay)
     prompts: list[str] = field(default_factory=list)  # self-replay prompts (empty: no self-replay)
+    #: held-out task examples that ``eval_strategy`` evaluates on (empty: no evaluation during training)
+    eval_examples: list[dict[str, list[int]]] = field(default_factory=list)
 
 
 def load_inputs(cfg: TrainConfig, state: Any) -> Inputs:
@@ -153,6 +197,9 @@ def load_inputs(cfg: TrainConfig, state: Any) -> Inputs:
         )  # fmt: skip
     if self_share > 0:
         inputs.prompts = load_prompts(cfg.replay_prompts)
+    if cfg.eval_strategy != "no":  # the task's held-out examples: task_eval, or a built-in task's test split
+        source, split = (cfg.task_eval, "train") if cfg.task_eval else (cfg.data, "test")
+        inputs.eval_examples = load_sft_examples(source, tokenizer, cfg.max_length, split)[0]
     return inputs
 
 
@@ -177,8 +224,9 @@ def load_base_model(cfg: TrainConfig, inputs: Inputs, state: Any) -> tuple[Any, 
     if (
         cfg.load_in_4bit
     ):  # PEFT's k-bit preparation: norms/embeddings in float32, input grads for checkpointing
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs)  # fmt: skip
+        checkpointing, checkpointing_kwargs = activation_checkpointing(cfg)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs=checkpointing_kwargs)  # fmt: skip
     torch.manual_seed(cfg.seed)
     lora = LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -248,6 +296,7 @@ def build_trainer(cfg: TrainConfig, args: TrainConfig, run: RunPlan, model: Any,
             model=model,
             args=args,
             train_dataset=inputs.examples,
+            eval_dataset=inputs.eval_examples or None,
             data_collator=lambda batch: collate_sft(batch, pad_id),
             processing_class=inputs.tokenizer,
             callbacks=[

@@ -284,10 +284,23 @@ class ARRTrainer(StagedCheckpoints, Trainer):
         return total
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-        """The ARR loss of one micro-batch (all passes summed, for evaluation and tests; training uses
-        :meth:`training_step`, which back-propagates each pass before running the next)."""
+        """The ARR loss of one micro-batch, all passes summed (it draws replay as a training step does; training
+        uses :meth:`training_step`, which back-propagates each pass before running the next, and evaluation
+        :meth:`prediction_step`)."""
         total = self._run_passes(model, inputs, None)
         return (total, None) if return_outputs else total
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # type: ignore[override]
+        """Evaluation (``Trainer.evaluate``, ``eval_strategy``): the mean cross-entropy of the response tokens
+        of a held-out SFT batch, as ``eval_loss``. It draws no replay, logs no training term and leaves the
+        drift-budget controller alone, so evaluating does not change training."""
+        inputs = self._prepare_inputs(inputs)
+        part = _Part("sft", inputs["input_ids"], inputs["labels"], inputs["attention_mask"], 0.0, 0.0, False)
+        part.n_targets = _n_targets(part.labels)
+        part.ce_token_weight = 1.0 / max(part.n_targets, 1)
+        with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
+            loss, _ = self._pass_loss(model, [part])
+        return loss.detach(), None, None
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[override]
         """One micro-batch, one forward/backward per pass; a NaN/inf loss on any rank stops training on

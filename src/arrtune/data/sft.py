@@ -153,6 +153,26 @@ def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     )
 
 
+def read_held_out(source: str, field_name: str) -> list[list[dict[str, str]]]:
+    """The conversations of a held-out task file (JSON Lines, the row formats of ``data``): it must exist,
+    parse, and give every row a non-empty response to score. Errors name ``field_name``, the file and line."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        raise ArrtuneError(f"{field_name}: {source} is a directory, not a file")
+    if not path.is_file():
+        raise ArrtuneError(f"{field_name}: cannot read {source} (no such file)")
+    rows = read_jsonl(path)
+    if not rows:
+        raise ArrtuneError(f"{path}: no examples ({field_name} holds no JSON Lines rows)")
+    out = []
+    for where, row in rows:
+        messages = to_messages(row, where)
+        if not [m for m in messages if m["role"] == "assistant"][-1]["content"].strip():
+            raise ArrtuneError(f"{where}: empty response: a {field_name} example needs a response to score")
+        out.append(messages)
+    return out
+
+
 def tokenize_messages(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]
 ) -> tuple[list[int], list[int]]:

@@ -267,18 +267,9 @@ def general_vocabulary() -> frozenset[str]:
 
 
 def _read_task_rows(path: str, field_name: str) -> list[list[dict[str, str]]]:
-    from arrtune.data.jsonl import read_jsonl
-    from arrtune.data.sft import to_messages
+    from arrtune.data.sft import read_held_out
 
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise ArrtuneError(f"{field_name}: {path} is a directory, not a file")
-    if not p.is_file():
-        raise ArrtuneError(f"{field_name}: cannot read {path} (no such file)")
-    rows = [to_messages(row, where) for where, row in read_jsonl(p)]
-    if not rows:
-        raise ArrtuneError(f"{p}: no examples")
-    return rows
+    return read_held_out(path, field_name)
 
 
 def _last_assistant(messages: list[dict[str, str]]) -> str:
