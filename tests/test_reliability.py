@@ -842,19 +842,27 @@ def _late_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
 
 
 def test_late_refusals_come_first_and_keep_the_earlier_run(full_run: Path, tiny_model_dir: Path, inputs: Path,
-                                                          tmp_path: Path) -> None:  # fmt: skip
+                                                          tmp_path: Path, capsys) -> None:  # fmt: skip
     import importlib.util
 
     run = copy_run(full_run, tmp_path / "earlier")
     before = snapshot(run)
-    for name, (overrides, fragment) in _late_cases(tmp_path).items():
+    for i, (name, (overrides, fragment)) in enumerate(_late_cases(tmp_path).items()):
         if name == "tracker not installed" and importlib.util.find_spec("wandb") is not None:
             continue
-        for target in (run, tmp_path / f"new-{len(name)}"):
-            done = run_cli("train", "--overwrite", *train_args(tiny_model_dir, inputs, target), *overrides)
-            assert_one_error(done, fragment)
+        for target in (run, tmp_path / f"new-{i}"):
+            assert (
+                main(["train", "--overwrite", *train_args(tiny_model_dir, inputs, target), *overrides]) == 2
+            )
+            err = capsys.readouterr().err
+            assert [line for line in err.splitlines() if line.strip()] == [error_line(err)], name
+            assert fragment in err, (name, err)
         assert snapshot(run) == before, name
-        assert not (tmp_path / f"new-{len(name)}").exists(), name  # no lock, no config.yaml left behind
+        assert not (tmp_path / f"new-{i}").exists(), name  # no lock, no config.yaml left behind
+    # the same through the console script, in a process of its own
+    done = run_cli("train", "--overwrite", *train_args(tiny_model_dir, inputs, run), "report_to=notatracker")
+    assert_one_error(done, "notatracker is not supported")
+    assert snapshot(run) == before
 
 
 def test_a_grid_with_no_runs_is_one_line(tmp_path: Path) -> None:

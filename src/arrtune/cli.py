@@ -209,9 +209,24 @@ def _eval_settings_help() -> str:
     return "\n".join(lines)
 
 
+DESCRIPTION = """\
+LoRA fine-tuning that keeps what the model knows: supervised fine-tuning plus replay of general text and a KL
+to the initial model (approximate regularized replay), and the measurements that show what a fine-tune cost.
+
+examples:
+  arrtune demo                                   plain SFT vs ARR on the built-in model and task (CPU)
+  arrtune train --config configs/arr.yaml        one run: a PEFT adapter, metrics.jsonl, config.yaml
+  arrtune eval --adapter runs/arr/adapter        base vs adapted: benchmarks, drift, leak, task
+  arrtune compare --config configs/compare.yaml  a grid of methods and seeds, a report with plots
+  arrtune export runs/arr --out exports/arr      a merged model (or adapter) with a forgetting model card
+
+Errors print one line (arrtune: error: ...); --debug shows tracebacks and every library's log."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``arrtune`` command."""
-    parser = argparse.ArgumentParser(prog="arrtune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="arrtune", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
 

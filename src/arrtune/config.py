@@ -70,100 +70,17 @@ def _field(default: Any, help: str, **kw: Any) -> Any:
 
 
 @dataclass
-class TrainConfig(TrainingArguments):
-    """Configuration of one ``arrtune train`` run (all fields optional; defaults train the demo setup).
+class ARRConfig(TrainingArguments):
+    """The ARR objective's settings on top of ``transformers.TrainingArguments``, as TRL's ``SFTConfig`` adds
+    SFT's: what :class:`arrtune.ARRTrainer` reads. Every Hugging Face field keeps its meaning and default,
+    except the three below that the ARR step needs. The TRL ``SFTConfig`` fields users set are accepted with
+    their meanings (``max_length``, ``completion_only_loss``, ``assistant_only_loss``, ``dataset_text_field``),
+    or refused in one line (``packing``: not supported)."""
 
-    ``output_dir`` is the run directory (``config.yaml``, ``adapter/``, ``metrics.jsonl``); the Trainer's
-    checkpoints go to its ``checkpoints/`` sub-directory."""
-
-    # -- Hugging Face fields whose defaults arrtune changes ----------------------------------------------
-    output_dir: str = _field(
-        "runs/arr", "Directory of this run: config.yaml, adapter/, metrics.jsonl, checkpoints/."
-    )
-    learning_rate: float = _field(1e-3, "Peak learning rate (AdamW).")
-    lr_scheduler_type: str = _field(
-        "constant_with_warmup", "transformers scheduler name (linear, cosine, constant, ...)."
-    )
-    warmup_steps: float = _field(5, "Linear warm-up, in optimizer steps.")
-    max_steps: int = _field(60, "Optimizer steps to train; <= 0 means use num_train_epochs.")
-    num_train_epochs: float = _field(1.0, "Epochs over the SFT data when max_steps <= 0.")
-    seed: int = _field(0, "Seed for LoRA init, data order, the replay stream and dropout.")
-    logging_steps: float = _field(1, "Log the loss terms every this many optimizer steps.")
-    save_steps: float = _field(
-        0, "Save a resumable checkpoint every this many steps (0 = only the final adapter, no checkpoints)."
-    )
-    save_total_limit: int | None = _field(2, "Checkpoints kept on disk.")
-    report_to: None | str | list[str] = _field(
-        "none",
-        "Experiment trackers: none, tensorboard, wandb, trackio, mlflow, ... (every loss term is logged).",
-    )
-    logging_dir: str | None = _field(
-        None,
-        "Where report_to: tensorboard writes its event files (default: $TENSORBOARD_LOGGING_DIR, else "
-        "<output_dir>/checkpoints/runs/<time>_<host>). transformers 5 dropped this TrainingArguments field; "
-        "arrtune keeps it and passes it on as TENSORBOARD_LOGGING_DIR.",
-    )
+    # -- Hugging Face fields the ARR step needs set --------------------------------------------------------
     remove_unused_columns: bool = _field(False, "Kept False: arrtune's collator builds the batches.")
     label_names: list[str] | None = _field(["labels"], "Kept ['labels'].")
     ddp_find_unused_parameters: bool | None = _field(False, "False: every LoRA parameter gets a gradient.")
-
-    # -- model and data --------------------------------------------------------------------------------
-    model: str = _field(
-        "smollm2-135m-instruct", "Model spec: built-in alias, .gguf file, local HF directory or Hub id."
-    )
-    model_dtype: str = _field(
-        "auto",
-        "Precision the base weights are loaded in: bfloat16, float16, float32, or auto = bfloat16 when training "
-        "in bf16 (see precision), else float32. LoRA weights stay float32; the KL reference is this same base.",
-    )
-    load_in_4bit: bool = _field(
-        False,
-        "QLoRA: load the base weights 4-bit (bitsandbytes NF4, double quantization, computing in the training "
-        "precision) with PEFT's k-bit preparation; the KL reference is this quantized base with the adapter "
-        "off. Needs bitsandbytes (pip install 'arrtune[qlora]').",
-    )
-    trust_remote_code: bool = _field(
-        False, "Allow model code from the Hub (off by default; only for models you trust)."
-    )
-    data: str = _field(
-        "builtin:vornish",
-        "SFT data: builtin:vornish or builtin:keywords (built-in tasks), a .jsonl/.json/.parquet file, or a HF "
-        "dataset id.",
-    )
-    data_split: str = _field("train", "Split of a HF dataset (or of the built-in task) used for training.")
-    task_eval: str | None = _field(
-        None,
-        "Held-out examples of your task (a .jsonl file, same row formats as data) that eval and compare score "
-        "for exact match and response loss; built-in tasks use their own held-out split. Unset with your own "
-        "data: no task score.",
-    )
-    replay: str = _field(
-        "builtin",
-        "Replay source: 'builtin' (general text shipped with the installed packages), a .txt/.jsonl/.parquet "
-        "file, a HF dataset id (streamed), or 'self': the base model's own answers to general prompts "
-        "(generated once before training, cached; see replay_prompts and replay_mix).",
-    )
-    replay_mix: float = _field(
-        0.0,
-        "Share of the replay tokens that are self-replay (the base model's own answers), the rest coming "
-        "from the 'replay' corpus: 0 = corpus only, 0.5 = half each, 1 = self only ('replay: self' means 1).",
-    )
-    replay_prompts: str | None = _field(
-        None,
-        "Prompts the base model answers for self-replay: a .txt (one per line) or .jsonl (field prompt, "
-        "question or text) file, or a HF dataset id; default: built-in Natural Questions, disjoint from every "
-        "evaluation prompt.",
-    )
-    replay_temperature: float = _field(0.7, "Sampling temperature of the self-replay answers (0 = greedy).")
-    replay_top_p: float = _field(0.9, "Nucleus (top-p) sampling threshold of the self-replay answers.")
-    replay_max_new_tokens: int = _field(96, "Longest self-replay answer, in tokens.")
-    replay_config: str | None = _field(
-        None, "Config name of a HF replay dataset (e.g. 'sample-10BT' for fineweb-edu)."
-    )
-    replay_split: str = _field("train", "Split of a HF replay dataset.")
-    replay_text_field: str = _field(
-        "text", "Field/column holding the text in JSONL, parquet and HF replay data."
-    )
 
     # -- the method -----------------------------------------------------------------------------------
     method: str = _field(
@@ -221,6 +138,174 @@ class TrainConfig(TrainingArguments):
         "With drift_budget and drift_probe > 0: optimizer steps per probe measurement (and controller update).",
     )
 
+    # -- the replay corpus ---------------------------------------------------------------------------
+    replay: str = _field(
+        "builtin",
+        "Replay source: 'builtin' (general text shipped with the installed packages), a .txt/.jsonl/.parquet "
+        "file, a HF dataset id (streamed), or, with arrtune train, 'self': the base model's own answers to "
+        "general prompts (generated once before training, cached; see replay_prompts and replay_mix).",
+    )
+    replay_config: str | None = _field(
+        None, "Config name of a HF replay dataset (e.g. 'sample-10BT' for fineweb-edu)."
+    )
+    replay_split: str = _field("train", "Split of a HF replay dataset.")
+    replay_text_field: str = _field(
+        "text", "Field/column holding the text in JSONL, parquet and HF replay data."
+    )
+
+    # -- SFT data (TRL SFTConfig's names) ----------------------------------------------------------------
+    max_length: int = _field(256, "Longest SFT example in tokens; longer ones are dropped and counted.")
+    completion_only_loss: bool | None = _field(
+        None,
+        "prompt/completion rows: loss on the completion only (None or True) or on every token (False), as "
+        "in TRL.",
+    )
+    assistant_only_loss: bool = _field(
+        False,
+        "messages rows: loss on the assistant turns only (True) or on every token (False, TRL's default).",
+    )
+    dataset_text_field: str = _field("text", "Column holding the text of language-modelling rows.")
+    packing: bool = _field(False, "Not supported by ARRTrainer (rows are padded); True is refused.")
+
+    def __post_init__(self) -> None:
+        self.validate_arr()  # arrtune's rules first: they name the key
+        super().__post_init__()
+
+    def resolved_kl_coef(self) -> float:
+        """kl_coef, or the method preset's value when unset."""
+        return PRESETS[self.method][0] if self.kl_coef is None else float(self.kl_coef)
+
+    def resolved_replay_ratio(self) -> float:
+        """replay_ratio, or the method preset's value when unset."""
+        return PRESETS[self.method][1] if self.replay_ratio is None else float(self.replay_ratio)
+
+    def resolved_kl_on(self) -> str:
+        """kl_on, with 'auto' turned into 'replay' (replay on) or 'sft' (replay off)."""
+        if self.kl_on != "auto":
+            return self.kl_on
+        return "replay" if self.resolved_replay_ratio() > 0 else "sft"
+
+    def validate_arr(self) -> ARRConfig:
+        """Check the ARR fields; raise ``ArrtuneError`` naming the key. Returns self."""
+        choices = {
+            "method": PRESETS,
+            "kl_direction": ("forward", "reverse"),
+            "kl_on": ("sft", "replay", "both", "auto"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ArrtuneError(f"config: {key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ArrtuneError(f"config: {f.name}={value!r} must be a finite number")
+        checks = [
+            ("kl_coef", self.kl_coef is None or self.kl_coef >= 0, ">= 0"),
+            ("replay_ratio", self.replay_ratio is None or self.replay_ratio >= 0, ">= 0"),
+            ("replay_weight", self.replay_weight >= 0, ">= 0"),
+            ("loss_chunk_rows", self.loss_chunk_rows >= 0, ">= 0"),
+            ("kl_every", self.kl_every >= 1, ">= 1"),
+            ("kl_fraction", 0 < self.kl_fraction <= 1, "in (0, 1]"),
+            ("drift_budget", self.drift_budget is None or self.drift_budget > 0, "> 0 (or unset)"),
+            ("drift_probe", self.drift_probe >= 0, ">= 0"),
+            ("drift_probe_every", self.drift_probe_every >= 1, ">= 1"),
+            (
+                "drift_budget",
+                self.drift_budget is None or self.resolved_kl_coef() > 0,
+                "used with a KL: kl_coef > 0 (its starting value), e.g. method arr",
+            ),
+            ("max_length", self.max_length > 1, "> 1"),
+            ("packing", not self.packing, "false: ARRTrainer pads its rows (packing is not supported)"),
+        ]
+        for key in ("replay", "replay_split", "replay_text_field", "dataset_text_field"):
+            if not str(getattr(self, key)).strip():
+                checks.append((key, False, "a non-empty string"))
+        for key, ok, rule in checks:
+            if not ok:
+                raise ArrtuneError(f"config: {key}={getattr(self, key)!r} must be {rule}")
+        return self
+
+
+@dataclass
+class TrainConfig(ARRConfig):
+    """Configuration of one ``arrtune train`` run (all fields optional; defaults train the demo setup).
+
+    ``output_dir`` is the run directory (``config.yaml``, ``adapter/``, ``metrics.jsonl``); the Trainer's
+    checkpoints go to its ``checkpoints/`` sub-directory."""
+
+    # -- Hugging Face fields whose defaults arrtune changes ----------------------------------------------
+    output_dir: str = _field(
+        "runs/arr", "Directory of this run: config.yaml, adapter/, metrics.jsonl, checkpoints/."
+    )
+    learning_rate: float = _field(1e-3, "Peak learning rate (AdamW).")
+    lr_scheduler_type: str = _field(
+        "constant_with_warmup", "transformers scheduler name (linear, cosine, constant, ...)."
+    )
+    warmup_steps: float = _field(5, "Linear warm-up, in optimizer steps.")
+    max_steps: int = _field(60, "Optimizer steps to train; <= 0 means use num_train_epochs.")
+    num_train_epochs: float = _field(1.0, "Epochs over the SFT data when max_steps <= 0.")
+    seed: int = _field(0, "Seed for LoRA init, data order, the replay stream and dropout.")
+    logging_steps: float = _field(1, "Log the loss terms every this many optimizer steps.")
+    save_steps: float = _field(
+        0, "Save a resumable checkpoint every this many steps (0 = only the final adapter, no checkpoints)."
+    )
+    save_total_limit: int | None = _field(2, "Checkpoints kept on disk.")
+    report_to: None | str | list[str] = _field(
+        "none",
+        "Experiment trackers: none, tensorboard, wandb, trackio, mlflow, ... (every loss term is logged).",
+    )
+    logging_dir: str | None = _field(
+        None,
+        "Where report_to: tensorboard writes its event files (default: $TENSORBOARD_LOGGING_DIR, else "
+        "<output_dir>/checkpoints/runs/<time>_<host>). transformers 5 dropped this TrainingArguments field; "
+        "arrtune keeps it and passes it on as TENSORBOARD_LOGGING_DIR.",
+    )
+
+    # -- model and data --------------------------------------------------------------------------------
+    model: str = _field(
+        "smollm2-135m-instruct", "Model spec: built-in alias, .gguf file, local HF directory or Hub id."
+    )
+    model_dtype: str = _field(
+        "auto",
+        "Precision the base weights are loaded in: bfloat16, float16, float32, or auto = bfloat16 when training "
+        "in bf16 (see precision), else float32. LoRA weights stay float32; the KL reference is this same base.",
+    )
+    load_in_4bit: bool = _field(
+        False,
+        "QLoRA: load the base weights 4-bit (bitsandbytes NF4, double quantization, computing in the training "
+        "precision) with PEFT's k-bit preparation; the KL reference is this quantized base with the adapter "
+        "off. Needs bitsandbytes (pip install 'arrtune[qlora]').",
+    )
+    trust_remote_code: bool = _field(
+        False, "Allow model code from the Hub (off by default; only for models you trust)."
+    )
+    data: str = _field(
+        "builtin:vornish",
+        "SFT data: builtin:vornish or builtin:keywords (built-in tasks), a .jsonl/.json/.parquet file, or a HF "
+        "dataset id.",
+    )
+    data_split: str = _field("train", "Split of a HF dataset (or of the built-in task) used for training.")
+    task_eval: str | None = _field(
+        None,
+        "Held-out examples of your task (a .jsonl file, same row formats as data) that eval and compare score "
+        "for exact match and response loss; built-in tasks use their own held-out split. Unset with your own "
+        "data: no task score.",
+    )
+    replay_mix: float = _field(
+        0.0,
+        "Share of the replay tokens that are self-replay (the base model's own answers), the rest coming "
+        "from the 'replay' corpus: 0 = corpus only, 0.5 = half each, 1 = self only ('replay: self' means 1).",
+    )
+    replay_prompts: str | None = _field(
+        None,
+        "Prompts the base model answers for self-replay: a .txt (one per line) or .jsonl (field prompt, "
+        "question or text) file, or a HF dataset id; default: built-in Natural Questions, disjoint from every "
+        "evaluation prompt.",
+    )
+    replay_temperature: float = _field(0.7, "Sampling temperature of the self-replay answers (0 = greedy).")
+    replay_top_p: float = _field(0.9, "Nucleus (top-p) sampling threshold of the self-replay answers.")
+    replay_max_new_tokens: int = _field(96, "Longest self-replay answer, in tokens.")
+
     # -- LoRA -----------------------------------------------------------------------------------------
     lora_r: int = _field(16, "LoRA rank.")
     lora_alpha: float = _field(32.0, "LoRA scaling numerator (scale = alpha / r).")
@@ -230,7 +315,9 @@ class TrainConfig(TrainingArguments):
     )
 
     # -- optimisation ---------------------------------------------------------------------------------
-    max_length: int = _field(256, "Longest SFT example in tokens; longer ones are dropped and counted.")
+    assistant_only_loss: bool = _field(
+        True, "messages rows: loss on the assistant turns only (arrtune train's default), or on every token."
+    )
     precision: str = _field(
         "auto",
         "'fp32', 'bf16' (autocast), or 'auto': bf16 on a CUDA GPU that supports it and on a CPU with native "
@@ -253,15 +340,7 @@ class TrainConfig(TrainingArguments):
         if not torch.cuda.is_available():
             self.use_cpu = True  # what the Trainer would do, said explicitly (its bf16 check asks for it)
         self.validate()  # arrtune's rules first: they name the key
-        super().__post_init__()
-
-    def resolved_kl_coef(self) -> float:
-        """kl_coef, or the method preset's value when unset."""
-        return PRESETS[self.method][0] if self.kl_coef is None else float(self.kl_coef)
-
-    def resolved_replay_ratio(self) -> float:
-        """replay_ratio, or the method preset's value when unset."""
-        return PRESETS[self.method][1] if self.replay_ratio is None else float(self.replay_ratio)
+        TrainingArguments.__post_init__(self)
 
     def resolved_replay_mix(self) -> float:
         """Share of replay tokens from self-replay: 1 for ``replay: self``, else ``replay_mix``."""
@@ -272,12 +351,6 @@ class TrainConfig(TrainingArguments):
         if self.model_dtype != "auto":
             return self.model_dtype
         return "bfloat16" if self.bf16 else "float32"
-
-    def resolved_kl_on(self) -> str:
-        """kl_on, with 'auto' turned into 'replay' (replay on) or 'sft' (replay off)."""
-        if self.kl_on != "auto":
-            return self.kl_on
-        return "replay" if self.resolved_replay_ratio() > 0 else "sft"
 
     def resolved(self) -> TrainConfig:
         """A copy with the preset's coefficients and kl_on written in (what a run's ``config.yaml`` records)."""
@@ -290,13 +363,12 @@ class TrainConfig(TrainingArguments):
         )
 
     def validate(self) -> TrainConfig:
-        """Check every value; raise ``ArrtuneError`` naming the key. Returns self."""
+        """Check every value (the ARR fields', then the recipe's); raise ``ArrtuneError`` naming the key.
+        Returns self."""
         from transformers.trainer_utils import SchedulerType
 
+        self.validate_arr()
         choices = {
-            "method": PRESETS,
-            "kl_direction": ("forward", "reverse"),
-            "kl_on": ("sft", "replay", "both", "auto"),
             "precision": ("fp32", "bf16", "auto"),
             "model_dtype": ("auto", "bfloat16", "float16", "float32"),
             "lr_scheduler_type": tuple(s.value for s in SchedulerType),
@@ -304,36 +376,17 @@ class TrainConfig(TrainingArguments):
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ArrtuneError(f"config: {key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ArrtuneError(f"config: {f.name}={value!r} must be a finite number")
         checks = [
-            ("kl_coef", self.kl_coef is None or self.kl_coef >= 0, ">= 0"),
-            ("replay_ratio", self.replay_ratio is None or self.replay_ratio >= 0, ">= 0"),
-            ("replay_weight", self.replay_weight >= 0, ">= 0"),
             ("learning_rate", self.learning_rate > 0, "> 0"),
             ("lora_r", self.lora_r > 0, "> 0"),
             ("lora_alpha", self.lora_alpha > 0, "> 0"),
             ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
-            ("loss_chunk_rows", self.loss_chunk_rows >= 0, ">= 0"),
-            ("kl_every", self.kl_every >= 1, ">= 1"),
-            ("kl_fraction", 0 < self.kl_fraction <= 1, "in (0, 1]"),
             ("replay_mix", 0 <= self.replay_mix <= 1, "in [0, 1]"),
-            ("drift_budget", self.drift_budget is None or self.drift_budget > 0, "> 0 (or unset)"),
-            ("drift_probe", self.drift_probe >= 0, ">= 0"),
-            ("drift_probe_every", self.drift_probe_every >= 1, ">= 1"),
-            (
-                "drift_budget",
-                self.drift_budget is None or self.resolved_kl_coef() > 0,
-                "used with a KL: kl_coef > 0 (its starting value), e.g. method arr",
-            ),
             ("replay_temperature", self.replay_temperature >= 0, ">= 0"),
             ("replay_top_p", 0 < self.replay_top_p <= 1, "in (0, 1]"),
             ("replay_max_new_tokens", self.replay_max_new_tokens > 0, "> 0"),
             ("per_device_train_batch_size", self.per_device_train_batch_size > 0, "> 0"),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps > 0, "> 0"),
-            ("max_length", self.max_length > 1, "> 1"),
             ("num_train_epochs", self.max_steps > 0 or self.num_train_epochs > 0, "> 0 when max_steps <= 0"),
             ("logging_steps", self.logging_steps > 0, "> 0"),
             ("save_steps", self.save_steps >= 0, ">= 0"),
@@ -346,15 +399,7 @@ class TrainConfig(TrainingArguments):
             ("max_steps", self.max_steps < 2**31, "< 2**31"),
             ("lora_r", self.lora_r < 2**16, "< 65536"),
         ]
-        for key in (
-            "model",
-            "data",
-            "data_split",
-            "replay",
-            "replay_split",
-            "replay_text_field",
-            "output_dir",
-        ):
+        for key in ("model", "data", "data_split", "output_dir"):
             if not str(getattr(self, key)).strip():
                 checks.append((key, False, "a non-empty string"))
         targets = self.target_modules

@@ -38,8 +38,9 @@ from accelerate.utils import DistributedType, gather_object
 from transformers import Trainer, TrainerCallback
 
 from arrtune.budget import DriftProbe, KLController
-from arrtune.config import TrainConfig
+from arrtune.config import ARRConfig
 from arrtune.data.replay import ReplayStream
+from arrtune.data.sft import collate_sft, tokenize_row
 from arrtune.errors import ArrtuneError
 from arrtune.lm import InitialModel, base_model, output_head
 from arrtune.losses import IGNORE_INDEX, KLTerm, default_chunk_rows, head_losses
@@ -67,24 +68,68 @@ class _Part:
     n_kl_targets: int = 0  # label tokens of the KL rows (their share of the KL's denominator)
 
 
+#: PEFT initialisations that rewrite the base weights (W becomes W - BA): with the adapter off, the model is
+#: no longer the one loaded, so it cannot be the KL's reference
+REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
+
+
 class ARRTrainer(StagedCheckpoints, Trainer):
-    """``transformers.Trainer`` with the ARR loss: SFT CE + replay_weight x replay CE + kl_coef x KL."""
+    """``transformers.Trainer`` with the ARR loss: SFT CE + replay_weight x replay CE + kl_coef x KL.
 
-    args: TrainConfig
+    Used as TRL's ``SFTTrainer`` is: ``ARRTrainer(model=..., args=ARRConfig(...), train_dataset=ds,
+    processing_class=tokenizer, peft_config=LoraConfig(...))``. Rows in TRL's formats (``messages``;
+    ``prompt``/``completion`` as strings or messages; ``text``; or already tokenized) are tokenized here
+    (:func:`arrtune.data.sft.tokenize_row`); the replay stream is built from ``args.replay`` unless ``replay``
+    is given. The KL's reference is the model with its adapter switched off, so a KL needs a PEFT model (or
+    ``peft_config``) whose initialisation leaves the base weights as loaded."""
 
-    def __init__(self, *args: Any, replay: ReplayStream | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if not isinstance(self.args, TrainConfig):
-            raise TypeError(
-                "ARRTrainer reads its loss settings from args: pass an arrtune.config.TrainConfig"
-            )
+    args: ARRConfig
+
+    def __init__(
+        self,
+        model: Any = None,
+        args: ARRConfig | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        *rest: Any,
+        replay: ReplayStream | None = None,
+        peft_config: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(args, ARRConfig):
+            raise TypeError("ARRTrainer reads its loss settings from args: pass an arrtune.ARRConfig")
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        if args.resolved_kl_coef() > 0:
+            check_reference(model)
+        if processing_class is not None:
+            train_dataset = _tokenized(train_dataset, processing_class, args, "train_dataset")
+            eval_dataset = _tokenized(eval_dataset, processing_class, args, "eval_dataset")
+            if data_collator is None:
+                pad_id = processing_class.pad_token_id
+                pad_id = processing_class.eos_token_id if pad_id is None else pad_id
+                data_collator = lambda batch: collate_sft(batch, pad_id)  # noqa: E731
+            if replay is None and args.resolved_replay_ratio() > 0:
+                from accelerate import PartialState
+
+                state = PartialState()
+                replay = ReplayStream(args.replay, processing_class, args.replay_text_field,
+                                      rank=state.process_index, world_size=state.num_processes, seed=args.seed,
+                                      hf_config=args.replay_config, hf_split=args.replay_split)  # fmt: skip
+        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *rest,
+                         **kwargs)  # fmt: skip
         #: the method's coefficients, resolved from the config (a preset's or the user's)
         self.kl_coef = self.args.resolved_kl_coef()
         self.replay_ratio = self.args.resolved_replay_ratio()
         self.kl_on = self.args.resolved_kl_on()
         self.replay = replay
         if self.replay_ratio > 0 and replay is None:
-            raise ValueError("replay_ratio > 0 needs a replay stream")
+            raise ArrtuneError("replay_ratio > 0 needs a replay stream: pass processing_class (the stream is built "
+                               "from args.replay) or replay=")  # fmt: skip
         self.model_accepts_loss_kwargs = False  # our loss is a per-micro-batch mean; Trainer scales for GA
         #: SFT and replay rows in one forward/backward instead of two (DeepSpeed steps inside backward)
         self.joint_passes = self.accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -430,6 +475,45 @@ class ARRTrainer(StagedCheckpoints, Trainer):
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ArrtuneError(f"{path}: unreadable replay position ({exc})") from exc
         self.replay.load_state_dict(state)
+
+
+def check_reference(model: Any) -> None:
+    """Raise ``ArrtuneError`` unless the model with its adapter off is the model as loaded: the KL needs a PEFT
+    adapter (without one the "initial model" would be the policy itself and the KL 0), and an adapter whose
+    initialisation left the base weights alone (pissa, olora, corda, loftq and eva rewrite them)."""
+    peft_config = getattr(model, "peft_config", None)
+    if not peft_config:
+        raise ArrtuneError(
+            "ARRTrainer: the KL's reference is the model with its adapter off, and this model has no PEFT "
+            "adapter; pass peft_config=LoraConfig(...) (or a PeftModel), or set kl_coef=0"
+        )
+    for name, config in peft_config.items():
+        init = str(getattr(config, "init_lora_weights", True)).lower()
+        if any(init.startswith(kind) for kind in REWRITING_INITS):
+            raise ArrtuneError(
+                f"ARRTrainer: adapter '{name}' uses init_lora_weights={config.init_lora_weights!r}, "
+                "which rewrites the base weights, so the model with the adapter off is not the initial model; "
+                "use init_lora_weights=True (or 'gaussian'), or set kl_coef=0"
+            )
+
+
+def _tokenized(dataset: Any, tokenizer: Any, args: ARRConfig, name: str) -> Any:
+    """``dataset`` (a ``datasets.Dataset``, a list of rows, or None) as a list of ``{"input_ids", "labels"}``
+    rows, longer than ``args.max_length`` ones dropped as arrtune train drops them; a dict of datasets
+    (several evaluation sets) is tokenized per set."""
+    if dataset is None:
+        return None
+    if isinstance(dataset, dict):
+        return {key: _tokenized(value, tokenizer, args, f"{name}[{key}]") for key, value in dataset.items()}
+    rows = []
+    for i, row in enumerate(dataset):
+        example = tokenize_row(dict(row), tokenizer, f"{name}[{i}]", args.assistant_only_loss,
+                               args.completion_only_loss, args.dataset_text_field)  # fmt: skip
+        if len(example["input_ids"]) <= args.max_length:
+            rows.append(example)
+    if not rows:
+        raise ArrtuneError(f"{name}: no rows of at most max_length={args.max_length} tokens")
+    return rows
 
 
 def _n_targets(labels: torch.Tensor) -> int:

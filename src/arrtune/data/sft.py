@@ -223,6 +223,41 @@ def load_sft_examples(
     return examples, stats
 
 
+def tokenize_row(
+    row: dict[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    where: str,
+    assistant_only_loss: bool = True,
+    completion_only_loss: bool | None = None,
+    text_field: str = "text",
+) -> dict[str, list[int]]:
+    """One dataset row in any of TRL's formats as ``{"input_ids", "labels"}``: already tokenized
+    (``input_ids``, optional ``labels``), language modelling (``text_field``: loss on every token),
+    conversational ``messages`` (loss on the assistant turns with ``assistant_only_loss``, else on every
+    token), ``prompt``/``completion`` as strings or as lists of messages, or ``instruction``/``output``
+    (both through the chat template; loss on the completion unless ``completion_only_loss`` is False)."""  # fmt: skip
+    if "input_ids" in row:
+        ids = list(row["input_ids"])
+        return {"input_ids": ids, "labels": list(row.get("labels") or ids)}
+    if text_field in row and not ({"messages", "prompt", "completion"} & set(row)):
+        text = row[text_field]
+        if not isinstance(text, str):
+            raise ArrtuneError(f"{where}: field '{text_field}' must be a string")
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids = [*ids, tokenizer.eos_token_id]
+        return {"input_ids": ids, "labels": list(ids)}
+    if isinstance(row.get("prompt"), list) or isinstance(row.get("completion"), list):  # conversational
+        prompt, completion = row.get("prompt") or [], row.get("completion") or []
+        messages = to_messages({"messages": [*prompt, *completion]}, where)
+        every_token = completion_only_loss is False
+    else:
+        messages = to_messages(row, where)
+        every_token = (not assistant_only_loss) if "messages" in row else completion_only_loss is False
+    ids, labels = tokenize_messages(tokenizer, messages)
+    return {"input_ids": ids, "labels": list(ids) if every_token else labels}
+
+
 def collate_sft(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of tokenized examples to the longest one."""
     width = max(len(e["input_ids"]) for e in examples)

@@ -1,0 +1,214 @@
+"""The Python API: the README's example runs verbatim, TRL's dataset formats, and the KL's reference guards."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+import arrtune
+from arrtune import ARRConfig, ARRTrainer
+from arrtune.errors import ArrtuneError
+from arrtune.losses import IGNORE_INDEX
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_python_example() -> str:
+    section = README.read_text().split("## Python", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_example_runs_verbatim(tiny_model_dir: Path, tmp_path: Path) -> None:
+    code = readme_python_example()
+    assert len(code.strip().splitlines()) <= 15
+    model_id = re.search(r'model_id = "([^"]+)"', code).group(1)
+    shutil.copytree(tiny_model_dir, tmp_path / model_id)  # a local directory of that name: no Hub needed
+    (tmp_path / "example.py").write_text(code)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    adapter = tmp_path / "runs" / "python" / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+
+
+def test_public_names() -> None:
+    assert set(arrtune.__all__) >= {"ARRConfig", "ARRTrainer", "arr_loss", "evaluate"}
+    assert callable(arrtune.arr_loss) and callable(arrtune.evaluate)
+
+
+def _model(model_dir: Path, **lora):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(model_dir)
+
+
+def _args(tmp_path: Path, **kw) -> ARRConfig:
+    return ARRConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none", use_cpu=True, **kw)
+
+
+def test_trl_dataset_formats_tokenize_with_their_loss_masks(tiny_model_dir, tiny_tokenizer, tmp_path) -> None:
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    rows = [
+        {"messages": chat},
+        {"prompt": "hi", "completion": "hello"},
+        {"prompt": chat[:1], "completion": chat[1:]},
+        {"text": "plain text for language modelling"},
+    ]
+    assistant_only = _args(tmp_path, method="sft", assistant_only_loss=True)
+    trainer = ARRTrainer(model=_model(tiny_model_dir), args=assistant_only, train_dataset=rows,
+                         processing_class=tiny_tokenizer, peft_config=LoraConfig(r=2, task_type="CAUSAL_LM"))  # fmt: skip
+    messages, prompt_completion, conversational, text = trainer.train_dataset
+    # the response only, through the chat template, for the three conversational forms
+    assert messages == prompt_completion == conversational
+    masked = [i for i, lab in enumerate(messages["labels"]) if lab == IGNORE_INDEX]
+    assert masked and len(masked) < len(messages["labels"])
+    assert text["labels"] == text["input_ids"]  # language modelling: every token
+    # TRL's defaults: messages rows train on every token; a datasets.Dataset is accepted as it is
+    trainer = ARRTrainer(model=_model(tiny_model_dir), args=_args(tmp_path, method="sft"),
+                         train_dataset=Dataset.from_list([rows[0]] * 3), processing_class=tiny_tokenizer,
+                         peft_config=LoraConfig(r=2, task_type="CAUSAL_LM"))  # fmt: skip
+    assert len(trainer.train_dataset) == 3
+    assert (
+        trainer.train_dataset[0]["labels"] == trainer.train_dataset[0]["input_ids"] == messages["input_ids"]
+    )
+
+
+def test_packing_is_refused_in_one_line(tmp_path) -> None:
+    with pytest.raises(ArrtuneError, match="packing"):
+        _args(tmp_path, packing=True)
+
+
+def test_a_model_without_an_adapter_is_refused_when_there_is_a_kl(
+    tiny_model_dir, tiny_tokenizer, tmp_path
+) -> None:
+    rows = [{"prompt": "a", "completion": "b"}] * 2
+    with pytest.raises(ArrtuneError, match="no PEFT adapter"):
+        ARRTrainer(model=_model(tiny_model_dir), args=_args(tmp_path, method="kl"), train_dataset=rows,
+                   processing_class=tiny_tokenizer)  # fmt: skip
+    # without a KL there is no reference: plain SFT of the whole model is allowed
+    ARRTrainer(model=_model(tiny_model_dir), args=_args(tmp_path, method="sft"), train_dataset=rows,
+               processing_class=tiny_tokenizer)  # fmt: skip
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_init_that_rewrites_the_base_is_refused(init, tiny_model_dir, tiny_tokenizer, tmp_path) -> None:
+    base = _model(tiny_model_dir)
+    before = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    model = get_peft_model(base, LoraConfig(r=2, init_lora_weights=init, target_modules=["q_proj"],
+                                            task_type="CAUSAL_LM"))  # fmt: skip
+    with model.disable_adapter():  # the reason for the refusal: adapter off is no longer the loaded model
+        after = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+        assert not torch.allclose(before, after)
+    with pytest.raises(ArrtuneError, match="rewrites the base weights"):
+        ARRTrainer(model=model, args=_args(tmp_path, method="kl"), train_dataset=[{"prompt": "a", "completion": "b"}],
+                   processing_class=tiny_tokenizer)  # fmt: skip
+
+
+def test_the_reference_of_a_wrapped_peft_model_is_the_model_as_loaded(tiny_model_dir, tiny_tokenizer,
+                                                                      tmp_path) -> None:  # fmt: skip
+    loaded = _model(tiny_model_dir)
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad():
+        expected = loaded(input_ids=ids).logits
+    model = get_peft_model(
+        _model(tiny_model_dir), LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # the adapter now changes the output
+    trainer = ARRTrainer(model=model, args=_args(tmp_path, method="kl"), train_dataset=[{"prompt": "a", "completion": "b"}],
+                         processing_class=tiny_tokenizer)  # fmt: skip
+    from arrtune.lm import InitialModel, output_head
+
+    reference = InitialModel(trainer.model)
+    logits = reference.head(output_head(trainer.model))(reference.hidden(ids, torch.ones_like(ids)))
+    assert torch.allclose(logits, expected, atol=1e-5)
+    assert isinstance(trainer.model, PeftModel)
+    with torch.no_grad():
+        assert not torch.allclose(trainer.model(input_ids=ids).logits, expected, atol=1e-3)
+
+
+def _chat_rows(tokenizer, n: int = 12) -> list[dict]:
+    from arrtune.data.sft import tokenize_row
+
+    chats = [[{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"It is {2 * i}."}]
+             for i in range(n)]  # fmt: skip
+    return [tokenize_row({"messages": c}, tokenizer, f"row {i}") for i, c in enumerate(chats)]
+
+
+COMMON = dict(max_steps=5, learning_rate=1e-2, per_device_train_batch_size=3, logging_steps=1, seed=7,
+              report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, lr_scheduler_type="linear",
+              warmup_steps=1, save_strategy="no", disable_tqdm=True)  # fmt: skip
+
+
+def _peft(model_dir: Path, moved: bool = False):
+    """The tiny model with a fresh LoRA adapter (``moved``: its B matrices drawn at random, so the adapted
+    model already differs from the initial one and the KL is not 0)."""
+    torch.manual_seed(0)
+    model = get_peft_model(_model(model_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                         task_type="CAUSAL_LM"))  # fmt: skip
+    if moved:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.3)
+    return model
+
+
+def _losses(trainer) -> list[float]:
+    return [r["loss"] for r in trainer.state.log_history if "loss" in r]
+
+
+def test_plain_sft_is_trl_sfttrainer(tiny_model_dir, tiny_tokenizer, tmp_path) -> None:
+    """The same tokenized examples in the same order: TRL's SFTTrainer and ARRTrainer at kl_coef 0 without
+    replay give the same per-step losses and the same adapter."""
+    trl = pytest.importorskip("trl")
+    rows = _chat_rows(tiny_tokenizer)
+    theirs = trl.SFTTrainer(model=_peft(tiny_model_dir), args=trl.SFTConfig(output_dir=str(tmp_path / "trl"), **COMMON),
+                            train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer)  # fmt: skip
+    theirs.train()
+    ours = ARRTrainer(model=_peft(tiny_model_dir), args=ARRConfig(output_dir=str(tmp_path / "arr"), method="sft", **COMMON),
+                      train_dataset=rows, processing_class=tiny_tokenizer)  # fmt: skip
+    ours.train()
+    assert len(_losses(ours)) == len(_losses(theirs)) == 5
+    assert _losses(ours) == pytest.approx(_losses(theirs), abs=1e-5)
+    a = {k: v for k, v in theirs.model.state_dict().items() if "lora_" in k}
+    b = {k: v for k, v in ours.model.state_dict().items() if "lora_" in k}
+    assert a.keys() == b.keys() and a
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_arr_terms_add_exactly_to_the_trl_loss(tiny_model_dir, tiny_tokenizer, tmp_path) -> None:
+    """With KL and replay on, the first step's loss is TRL's SFT loss plus exactly replay_weight x replay CE
+    plus kl_coef x KL (the terms ARRTrainer logs)."""
+    trl = pytest.importorskip("trl")
+    rows = _chat_rows(tiny_tokenizer)
+    one = {**COMMON, "max_steps": 1}
+    theirs = trl.SFTTrainer(model=_peft(tiny_model_dir, moved=True), args=trl.SFTConfig(output_dir=str(tmp_path / "trl"), **one),
+                            train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer)  # fmt: skip
+    theirs.train()
+    args = ARRConfig(output_dir=str(tmp_path / "arr"), kl_coef=0.5, replay_ratio=1.0, kl_on="both",
+                     replay_weight=0.3, **one)  # fmt: skip
+    ours = ARRTrainer(
+        model=_peft(tiny_model_dir, moved=True),
+        args=args,
+        train_dataset=rows,
+        processing_class=tiny_tokenizer,
+    )
+    ours.train()
+    record = next(r for r in ours.state.log_history if "loss" in r)
+    assert record["sft_loss"] == pytest.approx(_losses(theirs)[0], abs=1e-5)
+    assert record["replay_loss"] > 0 and record["kl"] > 1e-3
+    assert record["loss"] == pytest.approx(record["sft_loss"] + 0.3 * record["replay_loss"] + 0.5 * record["kl"],
+                                           abs=1e-5)  # fmt: skip
