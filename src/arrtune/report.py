@@ -45,9 +45,12 @@ HEADLINE = (
     ("drift/chat", "KL chat", False),
     ("leak", "leak", False),
     ("bleed", "bleed", False),
+    ("ifeval/prompt_strict", "IF prompt strict", True),
+    ("ifeval/instruction_loose", "IF instr. loose", True),
 )
 #: per-item outcomes compared run against run (paired over seeds x items): (key in per_item, title)
-PAIRED = (("task/exact_match", "task EM"), ("mc", "MC acc (all items)"), ("leak", "leak"), ("bleed", "bleed"))
+PAIRED = (("task/exact_match", "task EM"), ("mc", "MC acc (all items)"), ("leak", "leak"), ("bleed", "bleed"),
+          ("ifeval/prompt_strict", "IF prompt strict"))  # fmt: skip
 _SEED = re.compile(r"-seed=\d+")
 RETENTION_KEY, PLASTICITY_KEY = "mc/mean_acc", "task/exact_match"
 

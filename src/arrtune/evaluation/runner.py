@@ -74,6 +74,7 @@ class EvalResult(TypedDict, total=False):
     task_examples: list[dict[str, Any]]  #: held-out task prompts with the reference and the answer(s)
     leak_vocabulary_size: int  #: pair: the number of task-only words leak looks for
     form_check: dict[str, Any]  #: pair: the bleed classifier's recall and false-positive rate on this task
+    instruction_examples: list[dict[str, Any]]  #: instruction-following prompts, their ids and the answer(s)
     per_item: dict[str, dict[str, list[int]]]  #: column -> metric -> 0/1 per item, for paired comparisons
     timing: dict[str, Any]  #: per column throughput, and ``parts_s``: seconds per measurement family
     config: dict[str, Any]  #: the EvalConfig used
@@ -116,6 +117,11 @@ class EvalConfig:
     max_new_tokens: int = 32
     #: held-out task examples for exact match and response loss; default 100
     n_task: int = 100
+    #: instruction-following prompts (IFEval's verifiable instructions on general questions, needs
+    #: ``arrtune[ifeval]``), answered greedily and scored strict and loose; 0 = skip; default 0
+    n_instructions: int = 0
+    #: maximum new tokens per instruction-following answer (every drawn instruction fits it); default 160
+    instruction_tokens: int = 160
     #: benchmark items / passages / prompts per forward pass (memory grows with it); default 16
     batch_size: int = 16
     #: seed of every subset; default 0
@@ -171,7 +177,11 @@ class EvalConfig:
             else:
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise ArrtuneError(f"{where} must be an integer, got {value!r}")
-                minimum = 1 if key in ("batch_size", "max_new_tokens", "max_text_tokens") else 0
+                minimum = (
+                    1
+                    if key in ("batch_size", "max_new_tokens", "max_text_tokens", "instruction_tokens")
+                    else 0
+                )
                 if value < minimum:
                     raise ArrtuneError(f"{where} must be >= {minimum}, got {value}")
             kwargs[key] = value
@@ -212,6 +222,10 @@ def check_eval_inputs(cfg: EvalConfig) -> None:
     in seconds, before a model is loaded and scored; raises ``ArrtuneError``."""
     for spec in cfg.benchmarks:
         load_benchmark(spec, cfg.n_per_benchmark, cfg.seed)
+    if cfg.n_instructions > 0:
+        from arrtune.evaluation.instructions import build_prompts
+
+        build_prompts(cfg.n_instructions, cfg.seed)  # the checkers are installed, the prompts can be built
     if cfg.task and cfg.task != "auto" and cfg.n_task > 0:
         if cfg.task.startswith("builtin:"):
             from arrtune.data.task import builtin_task
@@ -546,6 +560,36 @@ class _Evaluation:
             for i in order[: max(cfg.n_examples, 0)]
         ]  # fmt: skip
 
+    def instructions(self) -> None:
+        """Instruction following (:mod:`arrtune.evaluation.instructions`): each column's greedy answers to the
+        prompts, scored strict and loose at prompt and instruction level, with their 0/1 outcomes."""
+        cfg = self.cfg
+        if cfg.n_instructions <= 0:
+            return
+        from arrtune.evaluation.instructions import build_prompts, score
+
+        t0 = time.perf_counter()
+        prompts = build_prompts(cfg.n_instructions, cfg.seed)
+        ids = [question_prompt_ids(self.tokenizer, p.prompt) for p in prompts]
+        responses: dict[str, list[str]] = {}
+        for c in self.columns:
+            if c in self.computed:
+                with self.contexts[c]():
+                    responses[c] = answer(self.model, self.tokenizer, ids, cfg.instruction_tokens, cfg.batch_size,
+                                          self.progress, f"ifeval/{c}").texts  # fmt: skip
+            else:
+                responses[c] = list(self.from_cache("instructions", ["answers"])["answers"])
+            scores = score(prompts, responses[c])
+            self.metrics[c].update(scores.metrics())
+            for name in ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"):
+                self.per_item[c][f"ifeval/{name}"] = getattr(scores, name)
+        self.own_cache["instructions"] = {"answers": responses[self.own]}
+        self.extra["instruction_examples"] = [
+            {"prompt": p.prompt, "instructions": list(p.instruction_ids), **{c: responses[c][k] for c in self.columns}}
+            for k, p in enumerate(prompts[: max(cfg.n_examples, 0)])
+        ]  # fmt: skip
+        self.parts["instructions"] = time.perf_counter() - t0
+
     def result(self) -> EvalResult:
         """The result (see :func:`evaluate_single` and :func:`evaluate_model_pair`)."""
         self.parts["total"] = time.perf_counter() - self.started
@@ -575,6 +619,7 @@ def _run(model, tokenizer, cfg: EvalConfig, base_ctx: Callable[[], AbstractConte
     evaluation.text()
     task_examples, train_responses = evaluation.task()
     evaluation.chat(task_examples, train_responses)
+    evaluation.instructions()
     return evaluation.result()
 
 

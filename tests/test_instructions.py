@@ -1,0 +1,60 @@
+"""Instruction following: prompts built offline from IFEval's checkers, scored strict and loose."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("lm_eval.tasks.ifeval", reason="needs arrtune[ifeval]")
+
+from arrtune.evaluation.instructions import INSTRUCTIONS, InstructionPrompt, build_prompts, checkers, score  # noqa: E402
+
+
+def test_prompts_are_deterministic_disjoint_and_respect_conflicts() -> None:
+    from arrtune.data.corpora import general_questions, self_replay_prompts
+
+    registry, _ = checkers()
+    conflicts = registry.conflict_make({k: set(v) for k, v in registry.INSTRUCTION_CONFLICTS.items()})
+    prompts = build_prompts(300)
+    assert [p.prompt for p in prompts] == [p.prompt for p in build_prompts(300)]
+    assert len({p.question for p in prompts}) == 300
+    for p in prompts:
+        assert 1 <= len(p.instruction_ids) <= 3 and set(p.instruction_ids) <= set(INSTRUCTIONS)
+        for i, a in enumerate(p.instruction_ids):
+            assert not any(b in conflicts[a] for b in p.instruction_ids[i + 1 :]), p.instruction_ids
+    assert {len(p.instruction_ids) for p in prompts} == {1, 2, 3}
+    others = {q.lower().strip() for q in (*general_questions(), *self_replay_prompts())}
+    assert not any(p.question.lower().strip() in others for p in prompts)
+    assert len({i for p in prompts for i in p.instruction_ids}) == len(INSTRUCTIONS)  # every kind is drawn
+
+
+def _prompt(ids: tuple[str, ...], kwargs: tuple[dict, ...]) -> InstructionPrompt:
+    return InstructionPrompt(
+        0, "Where do you keep a spare key?", "Where do you keep a spare key? ...", ids, kwargs
+    )
+
+
+def test_a_compliant_answer_passes_and_a_broken_one_fails() -> None:
+    cases = [
+        (("detectable_format:json_format",), ({},), '{"answer": "under the mat"}', "Under the mat."),
+        (("punctuation:no_comma", "change_case:english_lowercase"), ({}, {}),
+         "under the mat by the door", "Under the mat, by the door"),
+        (("startend:end_checker",), ({"end_phrase": "Any other questions?"},),
+         "Under the mat. Any other questions?", "Under the mat. Anything else?"),
+        (("keywords:existence",), ({"keywords": ["mat", "door"]},), "The mat by the door.", "Under a rock."),
+        (("detectable_format:number_bullet_lists",), ({"num_bullets": 2},), "* mat\n* door", "A mat, then a door."),
+        (("detectable_content:postscript",), ({"postscript_marker": "P.S."},), "The mat.\nP.S. Hide it well.", "The mat."),
+    ]  # fmt: skip
+    for ids, kwargs, good, bad in cases:
+        result = score([_prompt(ids, kwargs)] * 2, [good, bad])
+        assert result.prompt_strict == [1, 0], (ids, result)
+        assert result.prompt_loose == [1, 0], (ids, result)
+        assert result.instruction_strict[: len(ids)] == [1] * len(ids)
+
+
+def test_loose_forgives_what_ifeval_forgives() -> None:
+    # a first line of preamble: the loose test also tries the response without it
+    prompt = _prompt(("detectable_format:json_format",), ({},))
+    result = score([prompt], ['Sure, here it is:\n{"answer": "under the mat"}'])
+    assert result.prompt_strict == [0] and result.prompt_loose == [1]
+    metrics = result.metrics()
+    assert metrics["ifeval/prompt_strict"] == 0.0 and metrics["ifeval/prompt_loose"] == 1.0
