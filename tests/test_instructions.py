@@ -58,3 +58,18 @@ def test_loose_forgives_what_ifeval_forgives() -> None:
     assert result.prompt_strict == [0] and result.prompt_loose == [1]
     metrics = result.metrics()
     assert metrics["ifeval/prompt_strict"] == 0.0 and metrics["ifeval/prompt_loose"] == 1.0
+
+
+def test_behaviour_not_protected_is_said_in_one_sentence() -> None:
+    from arrtune.evaluation import behaviour_note
+
+    quiet = {"adapted": {"bleed": 0.02, "bleed_stderr": 0.02}, "delta": {"ifeval/prompt_strict": -0.01,
+                                                                       "ifeval/prompt_strict_stderr": 0.03}}  # fmt: skip
+    assert behaviour_note(quiet) is None
+    bleeding = {"adapted": {"bleed": 0.57, "bleed_stderr": 0.09}, "delta": {}}
+    assert "57% of its answers" in behaviour_note(bleeding) and "replay_mix: 0.5" in behaviour_note(bleeding)
+    forgetting = {
+        "adapted": {},
+        "delta": {"ifeval/prompt_strict": -0.10, "ifeval/prompt_strict_stderr": 0.039},
+    }
+    assert "-10.0 ± 3.9 points" in behaviour_note(forgetting)

@@ -176,7 +176,7 @@ def read_run(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any], dict[str
 def model_card(config: dict[str, Any], evaluation: dict[str, Any] | None, scale: float, merged: bool,
                base_id: str, scale_table: str | None = None) -> str:  # fmt: skip
     """The Hugging Face model card (README.md) of an export: front matter, settings, forgetting table."""
-    from arrtune.evaluation import format_table
+    from arrtune.evaluation import behaviour_note, format_table
 
     data = config.get("data", "")
     front = {
@@ -205,6 +205,9 @@ def model_card(config: dict[str, Any], evaluation: dict[str, Any] | None, scale:
         if scale != 1:
             lines.append(f"Measured on the adapter as trained (scale 1), not on this scale ({scale:g}).\n")
         lines.append(format_table(evaluation).split("\n\nitems/s:")[0])
+        note = behaviour_note(evaluation)
+        if note:
+            lines += ["", f"**{note}**"]
         examples = [e for e in evaluation.get("examples", [])][:2]
         if examples:
             lines += ["", "Answers to general questions, before and after:", ""]

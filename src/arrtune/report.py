@@ -361,7 +361,10 @@ def plot_loss_curves(compare_dir: Path, names: Sequence[str], path: Path) -> Non
 
 
 def write_report(compare_dir: str | os.PathLike, names: Sequence[str]) -> Path:
-    """Write report.md, results.csv, results.json and the two plots into ``compare_dir``."""
+    """Write report.md, results.csv, results.json and the two plots into ``compare_dir``; a run whose
+    behaviour is not protected gets one sentence under the tables (:func:`behaviour_note`)."""
+    from arrtune.evaluation.runner import behaviour_note
+
     root = Path(compare_dir)
     rows = collect_rows(root, names)
     keys: list[str] = []
@@ -392,8 +395,14 @@ def write_report(compare_dir: str | os.PathLike, names: Sequence[str]) -> Path:
         md.append(
             seed_tables(aggregated, paired_differences(root, names), paired_differences(root, names, None))
         )
+    notes = []
+    for name in names:
+        note = behaviour_note(_read_json(root / "runs" / name / "eval.json") or {})
+        if note:
+            notes.append(f"- **{name}**: {note}")
     md += [
         markdown_tables(rows),
+        *(["\n### Behaviour\n", "\n".join(notes)] if notes else []),
         "\n![retention vs plasticity](retention_vs_plasticity.png)\n\n![loss curves](loss_curves.png)\n",
     ]
     write_atomic(root / "report.md", "\n".join(md))

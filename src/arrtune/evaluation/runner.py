@@ -711,6 +711,29 @@ def _fmt(key: str, value: Any, stderr: Any = None, signed: bool = False) -> str:
     return text
 
 
+#: a bleed above this share of general answers, beyond one standard error, is behaviour not protected
+BLEED_LIMIT = 0.05
+
+
+def behaviour_note(result: dict[str, Any]) -> str | None:
+    """One sentence when a pair evaluation shows behaviour not protected beyond noise (bleed over
+    :data:`BLEED_LIMIT` by more than its standard error, or instruction following down by more than one paired
+    standard error), naming the setting that fixes it; None otherwise."""
+    adapted, delta = result.get("adapted") or {}, result.get("delta") or {}
+    problems = []
+    bleed, bleed_se = adapted.get("bleed"), adapted.get("bleed_stderr") or 0.0
+    if isinstance(bleed, (int, float)) and bleed - bleed_se > BLEED_LIMIT:
+        problems.append(f"{bleed:.0%} of its answers to unrelated questions take the task's form (bleed)")
+    change, change_se = delta.get("ifeval/prompt_strict"), delta.get("ifeval/prompt_strict_stderr") or 0.0
+    if isinstance(change, (int, float)) and change + change_se < 0:
+        problems.append(f"it follows instructions less ({change * 100:+.1f} ± {change_se * 100:.1f} points, "
+                        "IFEval prompt strict)")  # fmt: skip
+    if not problems:
+        return None
+    return ("Behaviour not protected: " + " and ".join(problems) + "; replaying the base model's own answers "
+            "fixes this at almost no cost (`replay_mix: 0.5`, docs/study.md).")  # fmt: skip
+
+
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text (markdown) table of a result, with example answers and throughput below it."""
     columns = ["base", "adapted", "delta"] if result.get("mode") == "pair" else ["model"]
