@@ -7,7 +7,7 @@ rounds so that a drift of the machine's speed hits them alike; prints the best a
 kind and its generated tokens per second. Kinds:
 
 * ``dynamic``: transformers' default cache, which grows by one position per generated token (what
-  ``arrtune.evaluation.generation.generate`` uses on CPU);
+  ``arrtune.generation.generate`` uses on CPU);
 * ``static``: a cache allocated once at its full length (``cache_implementation="static"``), so every decoding
   step has the same shapes; on CUDA, ``generate`` then compiles the model's forward (``torch.compile``), which
   is where static shapes pay;
@@ -42,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from arrtune.data.corpora import self_replay_prompts
-    from arrtune.evaluation.generation import generate, question_prompt_ids
+    from arrtune.generation import generate, question_prompt_ids
     from arrtune.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")

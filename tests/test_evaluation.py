@@ -25,15 +25,15 @@ from arrtune.evaluation import (
     text_metrics,
     write_eval_json,
 )
-from arrtune.evaluation.generation import (
+from arrtune.evaluation.scoring import encode_pair
+from arrtune.evaluation.text import score_sequences
+from arrtune.generation import (
     generate,
     leak_vocabulary,
     leaked_words,
     question_prompt_ids,
     task_example,
 )
-from arrtune.evaluation.scoring import encode_pair
-from arrtune.evaluation.text import score_sequences
 from arrtune.models import load_model, load_tokenizer
 
 

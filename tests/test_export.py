@@ -178,8 +178,8 @@ def test_scale_auto_needs_a_task(tmp_path: Path) -> None:
 def test_teacher_forced_greedy_match_is_greedy_decoding(tiny_model_dir: Path, tiny_tokenizer) -> None:
     """``--scale auto`` scores exact match from one forward pass: a continuation has no argmax miss exactly when
     greedy decoding writes it. Checked against ``generate`` on prompts of different lengths (batched, padded)."""
-    from arrtune.evaluation.generation import generate
     from arrtune.evaluation.text import score_sequences
+    from arrtune.generation import generate
     from arrtune.models import load_model
 
     model = load_model(str(tiny_model_dir), dtype=torch.float32)

@@ -688,11 +688,11 @@ def test_second_train_on_the_same_output_dir_is_refused_naming_the_first(tiny_mo
 def test_grid_lock_and_waiting_lock(tmp_path: Path) -> None:
     import threading
 
-    from arrtune.rundir import hold_lock, release_lock, waiting_lock
+    from arrtune.locks import hold_lock, release_lock, waiting_lock
 
     lock = tmp_path / "grid" / ".arrtune.lock"
     lock.parent.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from arrtune.rundir import hold_lock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from arrtune.locks import hold_lock; "
                                f"hold_lock({str(lock)!r}, 'x'); print('held', flush=True); time.sleep(30)"],
                               stdout=subprocess.PIPE, text=True, env=ENV)  # fmt: skip
     try:

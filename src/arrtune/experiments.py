@@ -235,10 +235,11 @@ def _run_grid(grid: GridConfig, progress: bool, debug: bool) -> Path:
         task_of_run,
         write_eval_json,
     )
+    from arrtune.locks import hold_lock
     from arrtune.models import load_model, load_tokenizer
     from arrtune.recipe import check_inputs
     from arrtune.report import write_report
-    from arrtune.rundir import LOCK_NAME, hold_lock
+    from arrtune.rundir import LOCK_NAME
 
     specs = expand_runs(grid)
     out = Path(grid.output_dir)

@@ -93,9 +93,9 @@ def choose_scale(peft_model: Any, tokenizer: Any, eval_cfg: Any, scales: tuple[f
     evaluation, used instead of measuring it when the full adapter is kept. Needs the run's held-out task
     (``eval_cfg.task`` resolved)."""
     from arrtune.evaluation._common import binomial_stderr, paired_stderr
-    from arrtune.evaluation.generation import eos_token_ids
     from arrtune.evaluation.runner import load_task, text_sets
     from arrtune.evaluation.text import score_sequences, text_metrics
+    from arrtune.generation import eos_token_ids
     from arrtune.lm import adapter_disabled
 
     if not eval_cfg.task:

@@ -15,7 +15,7 @@ import copy
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -242,3 +242,32 @@ def chat_template_ids(tokenizer: Any, messages: list[dict[str, str]], generation
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return list(ids)
+
+
+T = TypeVar("T")
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def batched(items: Sequence[T], size: int) -> Iterator[list[T]]:
+    for s in chunks(len(items), max(1, size)):
+        yield list(items[s])
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """No dropout (:func:`without_dropout`) + ``torch.inference_mode()``; restores the training
+    flag afterwards."""
+    with without_dropout(model), torch.inference_mode():
+        yield
+
+
+def prefix_token_id(tokenizer) -> int:
+    """Token put before an empty context (lm-evaluation-harness: BOS, else EOS)."""
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id):
+        if tid is not None:
+            return int(tid)
+    raise ValueError("the tokenizer has no BOS, EOS or pad token to start a sequence with")

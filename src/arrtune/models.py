@@ -145,7 +145,7 @@ def resolve_model_path(spec: str) -> str:
             )
         return spec
     if not (target / "config.json").is_file():
-        from arrtune.rundir import waiting_lock
+        from arrtune.locks import waiting_lock
 
         # one conversion at a time per target: a second process waits, then finds the converted model
         with waiting_lock(cache_dir() / "locks" / f"{target.name}.lock"):

@@ -34,6 +34,7 @@ import torch
 from arrtune.atomic import write_atomic
 from arrtune.config import TrainConfig, activation_checkpointing
 from arrtune.errors import ArrtuneError
+from arrtune.locks import release_lock
 from arrtune.rundir import (
     LOCK_NAME,
     RunPlan,
@@ -42,7 +43,6 @@ from arrtune.rundir import (
     final_step,
     last_complete_checkpoint,
     plan_run,
-    release_lock,
     save_adapter,
     start_run,
 )

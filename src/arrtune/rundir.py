@@ -1,4 +1,4 @@
-"""The run directory: planning a run into it, its checkpoints, and the locks that keep one process on it.
+"""The run directory: planning a run into it, its checkpoints, and its lock.
 
 A run directory holds ``config.yaml`` (resolved), ``adapter/`` (a standard PEFT adapter), ``metrics.jsonl``
 (one record per logged step), ``train_summary.json`` and, while training, ``checkpoints/``.
@@ -11,18 +11,14 @@ A run directory holds ``config.yaml`` (resolved), ``adapter/`` (a standard PEFT 
   last, inside the staging directory, before the atomic rename into place. A checkpoint is *complete* only
   when every file a resume reads is present and matches the manifest; :func:`last_complete_checkpoint`
   skips (and names) any other one and falls back to the previous complete checkpoint.
-* **Locks.** :func:`hold_lock` takes an exclusive ``fcntl.flock`` on a lock file for the life of the process
-  (a second ``arrtune train`` on the same ``output_dir``, or a second ``compare`` on the same grid, gets one
-  error line naming the first process); :func:`waiting_lock` waits for the lock instead (the GGUF conversion
-  cache: a second process waits for the first conversion, then reuses it). The OS releases a lock when its
-  process ends, however it ends.
+* **Lock.** :func:`start_run` locks the run directory (``.arrtune.lock``, :func:`arrtune.locks.hold_lock`) for
+  the life of the process: a second ``arrtune train`` on the same ``output_dir`` gets one error line naming
+  the first process.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -30,7 +26,6 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +34,7 @@ import yaml
 
 from arrtune.atomic import write_atomic
 from arrtune.errors import ArrtuneError
+from arrtune.locks import hold_lock
 
 if TYPE_CHECKING:
     from arrtune.config import TrainConfig
@@ -50,7 +46,6 @@ CHECKPOINT_FILES = ("trainer_state.json", "adapter_config.json", "adapter_model.
                     "scheduler.pt")  # fmt: skip
 MANIFEST = "manifest.json"
 LOCK_NAME = ".arrtune.lock"
-_HELD: dict[str, int] = {}  # lock path -> open descriptor, kept for the life of the process
 
 
 def _sha256(path: Path) -> str:
@@ -112,54 +107,6 @@ def last_complete_checkpoint(root: str | os.PathLike, needs_replay: bool) -> str
             return str(path)
         log.warning("ignoring incomplete checkpoint %s (%s)", path, "; ".join(problems))
     return None
-
-
-def _holder(fd: int) -> str:
-    os.lseek(fd, 0, os.SEEK_SET)
-    text = os.read(fd, 64).decode("ascii", "replace").strip()
-    return f"pid {text}" if text.isdigit() else "another process"
-
-
-def hold_lock(path: str | os.PathLike, what: str) -> None:
-    """Lock ``path`` (created if needed) for the rest of this process, or raise ``ArrtuneError`` naming the
-    process that holds it. ``what`` names the locked thing in the message. Re-entrant within a process."""
-    path = Path(path)
-    if str(path) in _HELD:
-        return
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise ArrtuneError(f"{path}: cannot create the lock file ({exc.strerror or exc})") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _holder(fd)
-        os.close(fd)
-        raise ArrtuneError(f"{what} is in use by {holder} (lock {path}); wait for it to finish") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    _HELD[str(path)] = fd
-
-
-def release_lock(path: str | os.PathLike) -> None:
-    """Release a lock taken with :func:`hold_lock` (a no-op when this process does not hold it)."""
-    fd = _HELD.pop(str(Path(path)), None)
-    if fd is not None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def waiting_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` for the ``with`` block, waiting for another process to let go."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -125,7 +125,7 @@ def generate_answers(
     import time
 
     from arrtune.atomic import write_atomic
-    from arrtune.evaluation.generation import generate, question_prompt_ids
+    from arrtune.generation import generate, question_prompt_ids
 
     order = list(range(len(prompts)))
     random.Random(f"self-replay:{settings.seed}").shuffle(order)
@@ -173,7 +173,7 @@ def generate_answers(
 def conversations(tokenizer: Any, rows: list[dict[str, Any]]) -> list[tuple[list[int], list[int]]]:
     """Replay documents from cached answers: the chat prompt's ids + the generated ids (labels only on the
     latter, the end-of-turn token included when the model generated it). Empty answers are skipped."""
-    from arrtune.evaluation.generation import question_prompt_ids
+    from arrtune.generation import question_prompt_ids
 
     docs = []
     for row in rows:

@@ -1,38 +1,16 @@
-"""Helpers shared by the evaluation modules: batching, evaluation mode, statistics, fixed-seed subsets and
-tokenization as lm-evaluation-harness does it. (How a model is run as decoder + head lives in
-:mod:`arrtune.lm`, shared with training.)"""
+"""Helpers shared by the evaluation modules: statistics, fixed-seed subsets and tokenization as
+lm-evaluation-harness does it. (How a model is run, batched and in evaluation mode, lives in :mod:`arrtune.lm`,
+shared with training and generation.)"""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
-from collections.abc import Iterator, Sequence
-from typing import TypeVar
+from collections.abc import Sequence
 
 import torch
 
-from arrtune.lm import base_model, without_dropout
-
-T = TypeVar("T")
-
-
-def chunks(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))
-
-
-def batched(items: Sequence[T], size: int) -> Iterator[list[T]]:
-    for s in chunks(len(items), max(1, size)):
-        yield list(items[s])
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    """No dropout (:func:`arrtune.lm.without_dropout`) + ``torch.inference_mode()``; restores the training
-    flag afterwards."""
-    with without_dropout(model), torch.inference_mode():
-        yield
+from arrtune.lm import base_model
 
 
 def binomial_stderr(p: float, n: int) -> float:
@@ -61,14 +39,6 @@ def subset_indices(total: int, n: int | None, seed: int, salt: str) -> list[int]
     if n is None or n <= 0 or n >= total:
         return list(range(total))
     return sorted(random.Random(f"{salt}:{seed}").sample(range(total), n))
-
-
-def prefix_token_id(tokenizer) -> int:
-    """Token put before an empty context (lm-evaluation-harness: BOS, else EOS)."""
-    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id):
-        if tid is not None:
-            return int(tid)
-    raise ValueError("the tokenizer has no BOS, EOS or pad token to start a sequence with")
 
 
 def encode(tokenizer, text: str) -> list[int]:

@@ -47,7 +47,9 @@ from arrtune.errors import ArrtuneError
 from arrtune.evaluation._common import binomial_stderr, mean, paired_stderr, subset_indices
 from arrtune.evaluation.benchmarks import benchmark_name, load_benchmark
 from arrtune.evaluation.form import measure_bleed
-from arrtune.evaluation.generation import (
+from arrtune.evaluation.scoring import score_items
+from arrtune.evaluation.text import score_sequences, text_metrics
+from arrtune.generation import (
     Answers,
     TaskExample,
     answer,
@@ -57,8 +59,6 @@ from arrtune.evaluation.generation import (
     task_example,
     vocabulary,
 )
-from arrtune.evaluation.scoring import score_items
-from arrtune.evaluation.text import score_sequences, text_metrics
 from arrtune.lm import adapter_disabled
 
 

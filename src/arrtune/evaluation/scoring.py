@@ -27,17 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from arrtune.evaluation._common import (
-    binomial_stderr,
-    chunks,
-    encode,
-    eval_mode,
-    max_positions,
-    mean,
-    prefix_token_id,
-)
+from arrtune.evaluation._common import binomial_stderr, encode, max_positions, mean
 from arrtune.evaluation.benchmarks import MCItem
-from arrtune.lm import LMParts, base_model
+from arrtune.lm import LMParts, base_model, chunks, eval_mode, prefix_token_id
 
 HEAD_CHUNK = 512  # positions per output-head chunk (512 x 49152 float32 logits = 100 MB)
 ROW_TOKENS = 256  # minimum packed row width: short items are packed several to a row

@@ -23,8 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from arrtune.evaluation._common import batched, chunks, eval_mode, prefix_token_id
-from arrtune.lm import LMParts, expand_cache
+from arrtune.lm import LMParts, batched, chunks, eval_mode, expand_cache, prefix_token_id
 
 HEAD_CHUNK = 512  # positions per output-head chunk
 MIN_SHARED_PREFIX = 8  # tokens; a shorter common prefix is run with every batch

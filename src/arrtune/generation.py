@@ -26,8 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import CompileConfig, GenerationConfig
 
-from arrtune.evaluation._common import batched, eval_mode, prefix_token_id
-from arrtune.lm import base_model, chat_template_ids
+from arrtune.lm import base_model, batched, chat_template_ids, eval_mode, prefix_token_id
 
 WORD_RE = re.compile(r"[^\W\d_]+")
 #: key/value caches :func:`generate` can use
