@@ -62,6 +62,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ArrtuneError(f"--output {output}: is a directory, not a file")
     if output.parent.exists() and not output.parent.is_dir():
         raise ArrtuneError(f"--output {output}: {output.parent} is a file, not a directory")
+    from arrtune.models import DEFAULT_MODEL
+
     model_spec = args.model or (adapter_base(args.adapter) if args.adapter else DEFAULT_MODEL)
     if data.get("task", "auto") == "auto":
         print(f"task: {cfg.task or 'none (set task=FILE or, in training, task_eval)'}", file=sys.stderr)
@@ -91,9 +93,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(format_table(result))
     print(f"\nwrote {output}")
     return 0
-
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def adapter_base(adapter: str) -> str:

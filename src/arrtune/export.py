@@ -34,6 +34,7 @@ import torch
 import yaml
 
 from arrtune.errors import ArrtuneError
+from arrtune.lm import is_hub_id
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 #: the LoRA scales ``scale="auto"`` measures, largest first
@@ -184,7 +185,7 @@ def model_card(config: dict[str, Any], evaluation: dict[str, Any] | None, scale:
         "library_name": "transformers" if merged else "peft",
         "tags": ["arrtune", "lora", "approximate-regularized-replay", config.get("method", "arr")],
     }
-    if isinstance(data, str) and data.count("/") == 1 and not Path(data).exists():
+    if isinstance(data, str) and is_hub_id(data):
         front["datasets"] = [data]
     settings = {k: config.get(k) for k in ("method", "kl_coef", "replay_ratio", "replay", "replay_mix", "kl_on",
                                            "lora_r", "lora_alpha", "learning_rate", "max_steps",

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import CompileConfig, GenerationConfig
 
-from arrtune.lm import base_model, batched, chat_template_ids, eval_mode, prefix_token_id
+from arrtune.lm import base_model, batched, chat_template_ids, eval_mode, pad_token_id
 
 WORD_RE = re.compile(r"[^\W\d_]+")
 #: key/value caches :func:`generate` can use
@@ -77,7 +77,7 @@ def generate(
     if cache not in CACHE_KINDS:
         raise ValueError(f"cache: {cache!r}, expected one of {', '.join(CACHE_KINDS)} or 'auto'")
     eos = eos_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {
         "do_sample": False}  # fmt: skip
     static = {"cache_implementation": "static"} if cache.startswith("static") else {}

@@ -271,3 +271,22 @@ def prefix_token_id(tokenizer) -> int:
         if tid is not None:
             return int(tid)
     raise ValueError("the tokenizer has no BOS, EOS or pad token to start a sequence with")
+
+
+#: positions per output-head chunk in evaluation (512 x 49152 float32 logits = 100 MB)
+HEAD_CHUNK = 512
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id to pad with: the tokenizer's pad token, else :func:`prefix_token_id` (BOS, else EOS). Padded
+    positions are never attended to nor scored, so any id works; this one exists in every vocabulary."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
+
+
+def is_hub_id(spec: str) -> bool:
+    """True when ``spec`` reads as a Hugging Face Hub id (``org/name``) rather than a local path."""
+    from pathlib import Path
+
+    return (
+        spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists()
+    )

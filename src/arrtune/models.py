@@ -33,6 +33,7 @@ from transformers import (
 )
 
 from arrtune.errors import ArrtuneError
+from arrtune.lm import is_hub_id
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -138,7 +139,7 @@ def resolve_model_path(spec: str) -> str:
                     f"model: {spec} is a directory without config.json (not a HF model directory)"
                 )
             return str(path)
-        if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        if not is_hub_id(spec):
             raise ArrtuneError(
                 f"model: unknown spec '{spec}': expected a built-in alias ({', '.join(BUILTIN_MODELS)}), "
                 "a .gguf file, a local HF model directory, or a Hub id like 'org/name'"

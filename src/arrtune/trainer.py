@@ -42,7 +42,7 @@ from arrtune.config import ARRConfig
 from arrtune.data.replay import ReplayStream
 from arrtune.data.sft import collate_sft, tokenize_row
 from arrtune.errors import ArrtuneError
-from arrtune.lm import InitialModel, base_model, output_head
+from arrtune.lm import InitialModel, base_model, output_head, pad_token_id
 from arrtune.losses import IGNORE_INDEX, KLTerm, default_chunk_rows, head_losses
 from arrtune.rundir import StagedCheckpoints, truncate_metrics
 
@@ -110,8 +110,7 @@ class ARRTrainer(StagedCheckpoints, Trainer):
             train_dataset = _tokenized(train_dataset, processing_class, args, "train_dataset")
             eval_dataset = _tokenized(eval_dataset, processing_class, args, "eval_dataset")
             if data_collator is None:
-                pad_id = processing_class.pad_token_id
-                pad_id = processing_class.eos_token_id if pad_id is None else pad_id
+                pad_id = pad_token_id(processing_class)
                 data_collator = lambda batch: collate_sft(batch, pad_id)  # noqa: E731
             if replay is None and args.resolved_replay_ratio() > 0:
                 from accelerate import PartialState

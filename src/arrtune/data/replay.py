@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from arrtune.data.jsonl import read_jsonl, read_utf8
 from arrtune.errors import ArrtuneError
+from arrtune.lm import is_hub_id
 from arrtune.losses import IGNORE_INDEX
 
 
@@ -69,12 +70,7 @@ def _local_texts(source: str, text_field: str) -> list[str]:
 
 def is_hub_dataset(source: str) -> bool:
     """True when ``source`` names a Hugging Face dataset rather than a local file or ``builtin``."""
-    return (
-        source != "builtin"
-        and not Path(source).expanduser().exists()
-        and source.count("/") == 1
-        and not source.startswith((".", "/", "~"))
-    )
+    return source != "builtin" and is_hub_id(source)
 
 
 class ReplayStream:

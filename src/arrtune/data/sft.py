@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from arrtune.data.jsonl import parse_json, read_jsonl, read_utf8
 from arrtune.errors import ArrtuneError
-from arrtune.lm import chat_template_ids
+from arrtune.lm import chat_template_ids, is_hub_id
 from arrtune.losses import IGNORE_INDEX
 
 
@@ -61,7 +61,7 @@ def _read_rows(source: str, split: str) -> list[tuple[str, dict]]:
         if path.stat().st_size == 0:
             raise ArrtuneError(f"{source}: data file is empty")
         return _read_file(path)
-    if source.count("/") == 1:  # a Hub dataset id
+    if is_hub_id(source):
         import datasets
 
         try:

@@ -12,13 +12,12 @@ from arrtune.evaluation.runner import (
     evaluate_model_pair,
     evaluate_single,
     format_table,
-    load_eval_config,
     resolve_from_run,
     task_of_run,
     write_eval_json,
 )
 from arrtune.evaluation.scoring import MCResult, loglikelihoods, score_items
-from arrtune.evaluation.text import perplexity, text_metrics
+from arrtune.evaluation.text import text_metrics
 
 __all__ = [
     "BENCHMARKS",
@@ -34,10 +33,8 @@ __all__ = [
     "evaluate_single",
     "format_table",
     "load_benchmark",
-    "load_eval_config",
     "load_jsonl_benchmark",
     "loglikelihoods",
-    "perplexity",
     "resolve_from_run",
     "task_of_run",
     "score_items",

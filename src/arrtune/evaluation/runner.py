@@ -240,17 +240,6 @@ def check_eval_inputs(cfg: EvalConfig) -> None:
                 _read_task_rows(cfg.task_train, "task_train")
 
 
-def load_eval_config(path: str | Path) -> EvalConfig:
-    """Read an ``eval.yaml`` (a mapping of :class:`EvalConfig` fields)."""
-    from arrtune.config import read_yaml_mapping
-
-    data = read_yaml_mapping(path, "eval config", "a mapping of eval settings")
-    return EvalConfig.from_dict(data, source=str(path))
-
-
-# --------------------------------------------------------------------------------------------- data
-
-
 def text_sets(cfg: EvalConfig) -> dict[str, list[str]]:
     """The held-out text passages of the drift and perplexity measures, ``cfg.n_text`` per set."""
     from arrtune.data.corpora import heldout_book_texts, heldout_wiki_texts

@@ -29,9 +29,8 @@ from tqdm.auto import tqdm
 
 from arrtune.evaluation._common import binomial_stderr, encode, max_positions, mean
 from arrtune.evaluation.benchmarks import MCItem
-from arrtune.lm import LMParts, base_model, chunks, eval_mode, prefix_token_id
+from arrtune.lm import HEAD_CHUNK, LMParts, base_model, chunks, eval_mode, pad_token_id, prefix_token_id
 
-HEAD_CHUNK = 512  # positions per output-head chunk (512 x 49152 float32 logits = 100 MB)
 ROW_TOKENS = 256  # minimum packed row width: short items are packed several to a row
 
 
@@ -223,7 +222,7 @@ def loglikelihoods(
     attention implementations that take no custom 4-D mask, such as flash attention) scores every
     (context, continuation) pair as its own right-padded row instead."""
     parts = LMParts(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     tree_mask = tree_attention_supported(model) if tree_attention is None else tree_attention
     trees = _make_trees(tokenizer, items, max_positions(model), share=tree_mask)
     scores: list[list[float]] = [[0.0] * len(item.choices) for item in items]

@@ -23,9 +23,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from arrtune.lm import LMParts, batched, chunks, eval_mode, expand_cache, prefix_token_id
+from arrtune.lm import (
+    HEAD_CHUNK,
+    LMParts,
+    batched,
+    chunks,
+    eval_mode,
+    expand_cache,
+    pad_token_id,
+    prefix_token_id,
+)
 
-HEAD_CHUNK = 512  # positions per output-head chunk
 MIN_SHARED_PREFIX = 8  # tokens; a shorter common prefix is run with every batch
 
 
@@ -84,7 +92,7 @@ def score_sequences(
     if any(s < 1 or s > len(q) for q, s in zip(sequences, starts)):
         raise ValueError("every start must be in [1, len(sequence)]")
     parts = LMParts(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     n = len(sequences)
     nll = torch.zeros(n, dtype=torch.float64)
     nll_base = torch.zeros(n, dtype=torch.float64)
@@ -237,20 +245,3 @@ def text_metrics(
         ppl_base, bpb_base = ppl_bpb(stats.mean_nll(base=True), sum(stats.nll_base or []))
         drift = stats.mean_kl()
     return TextResult(ppl, bpb, ppl_base, bpb_base, drift, len(sequences), stats.total_tokens, total_bytes)
-
-
-def perplexity(model, tokenizer, texts: Sequence[str], max_tokens: int = 256, batch_size: int = 16) -> float:
-    """Token perplexity of ``texts`` (first ``max_tokens`` tokens of each, BOS-prefixed)."""
-    return text_metrics(model, tokenizer, texts, max_tokens, batch_size).ppl
-
-
-def drift(
-    model,
-    tokenizer,
-    sequences: Sequence[Sequence[int]],
-    starts: Sequence[int],
-    base_context: Callable[[], AbstractContextManager],
-    batch_size: int = 16,
-) -> float:
-    """Mean KL(base || model) in nats per token over the tokens ``seq[start:]`` of each sequence."""
-    return score_sequences(model, tokenizer, sequences, starts, batch_size, base_context).mean_kl()
