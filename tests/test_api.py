@@ -19,6 +19,7 @@ import arrtune
 from arrtune import ARRConfig, ARRTrainer
 from arrtune.errors import ArrtuneError
 from arrtune.losses import IGNORE_INDEX
+from arrtune.testing import randomize_lora_b
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -123,10 +124,7 @@ def test_the_reference_of_a_wrapped_peft_model_is_the_model_as_loaded(tiny_model
     model = get_peft_model(
         _model(tiny_model_dir), LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM")
     )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)  # the adapter now changes the output
+    randomize_lora_b(model, 0.5)  # the adapter now changes the output
     trainer = ARRTrainer(model=model, args=_args(tmp_path, method="kl"), train_dataset=[{"prompt": "a", "completion": "b"}],
                          processing_class=tiny_tokenizer)  # fmt: skip
     from arrtune.lm import InitialModel, output_head
@@ -158,12 +156,7 @@ def _peft(model_dir: Path, moved: bool = False):
     torch.manual_seed(0)
     model = get_peft_model(_model(model_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                          task_type="CAUSAL_LM"))  # fmt: skip
-    if moved:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.3)
-    return model
+    return randomize_lora_b(model, 0.3) if moved else model
 
 
 def _losses(trainer) -> list[float]:

@@ -25,6 +25,7 @@ from arrtune.errors import ArrtuneError
 from arrtune.lm import InitialModel, base_model, output_head
 from arrtune.losses import arr_loss
 from arrtune.recipe import train
+from arrtune.testing import randomize_lora_b
 from arrtune.trainer import ARRTrainer
 
 
@@ -34,12 +35,7 @@ def lora_model(model_dir: Path, seed: int = 0, randomize_b: bool = False):
     peft_model = get_peft_model(
         model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
     )
-    if randomize_b:
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.5)
-    return peft_model
+    return randomize_lora_b(peft_model, 0.5) if randomize_b else peft_model
 
 
 def arr_config(tmp_path: Path | None = None, **loss: Any) -> TrainConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -77,3 +78,13 @@ def copy_run(src: str | Path, dst: str | Path) -> Path:
     saved["output_dir"] = str(dst)
     (dst / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     return dst
+
+
+def randomize_lora_b(model: Any, std: float) -> Any:
+    """Draw the LoRA B matrices of ``model`` from N(0, std): a fresh adapter is zero, so without this the
+    adapted model equals the initial one (and a KL to it is 0). Returns the model."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, std)
+    return model
