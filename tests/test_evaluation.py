@@ -461,3 +461,21 @@ def test_eval_config_from_dict():
         EvalConfig.from_dict({"n_items": 3}, source="eval.yaml")
     with pytest.raises(ArrtuneError, match="eval.yaml: field 'batch_size' must be >= 1"):
         EvalConfig.from_dict({"batch_size": 0}, source="eval.yaml")
+
+
+def test_task_train_rows_may_have_empty_responses_but_held_out_rows_may_not(tmp_path) -> None:
+    """Training data with an empty response trains (the row is dropped and counted), so it is a valid
+    ``task_train``; a held-out row without a response cannot be scored."""
+    import json
+
+    from arrtune.errors import ArrtuneError
+    from arrtune.evaluation import EvalConfig, check_eval_inputs
+
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": " "}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(rows[0]) + "\n")
+    check_eval_inputs(EvalConfig(benchmarks=[], task=str(good), task_train=str(path)))
+    with pytest.raises(ArrtuneError, match="rows.jsonl:2: empty response"):
+        check_eval_inputs(EvalConfig(benchmarks=[], task=str(path)))

@@ -153,9 +153,10 @@ def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     )
 
 
-def read_held_out(source: str, field_name: str) -> list[list[dict[str, str]]]:
-    """The conversations of a held-out task file (JSON Lines, the row formats of ``data``): it must exist,
-    parse, and give every row a non-empty response to score. Errors name ``field_name``, the file and line."""
+def read_held_out(source: str, field_name: str, scored: bool = True) -> list[list[dict[str, str]]]:
+    """The conversations of a task file (JSON Lines, the row formats of ``data``): it must exist and parse,
+    and, when its responses are ``scored`` (held-out examples), give every row a non-empty response (training
+    rows may have empty ones: training drops and counts them). Errors name ``field_name``, the file and line."""
     path = Path(source).expanduser()
     if path.is_dir():
         raise ArrtuneError(f"{field_name}: {source} is a directory, not a file")
@@ -167,7 +168,7 @@ def read_held_out(source: str, field_name: str) -> list[list[dict[str, str]]]:
     out = []
     for where, row in rows:
         messages = to_messages(row, where)
-        if not [m for m in messages if m["role"] == "assistant"][-1]["content"].strip():
+        if scored and not [m for m in messages if m["role"] == "assistant"][-1]["content"].strip():
             raise ArrtuneError(f"{where}: empty response: a {field_name} example needs a response to score")
         out.append(messages)
     return out

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from arrtune.atomic import write_atomic
+from arrtune.data.sft import read_held_out
 from arrtune.errors import ArrtuneError
 from arrtune.evaluation._common import binomial_stderr, mean, paired_stderr, subset_indices
 from arrtune.evaluation.benchmarks import benchmark_name, load_benchmark
@@ -235,9 +236,9 @@ def check_eval_inputs(cfg: EvalConfig) -> None:
             except ArrtuneError as exc:
                 raise ArrtuneError(f"task: {exc}") from None
         else:
-            _read_task_rows(cfg.task, "task")
+            read_held_out(cfg.task, "task")
             if cfg.task_train:
-                _read_task_rows(cfg.task_train, "task_train")
+                read_held_out(cfg.task_train, "task_train", scored=False)
 
 
 def text_sets(cfg: EvalConfig) -> dict[str, list[str]]:
@@ -269,12 +270,6 @@ def general_vocabulary() -> frozenset[str]:
     return frozenset(vocabulary([*heldout_wiki_texts(), *heldout_book_texts(), *general_questions()]))
 
 
-def _read_task_rows(path: str, field_name: str) -> list[list[dict[str, str]]]:
-    from arrtune.data.sft import read_held_out
-
-    return read_held_out(path, field_name)
-
-
 def _last_assistant(messages: list[dict[str, str]]) -> str:
     return [m["content"] for m in messages if m["role"] == "assistant"][-1]
 
@@ -296,8 +291,10 @@ def load_task(cfg: EvalConfig, tokenizer) -> tuple[list[TaskExample], list[str]]
         ]
         train_responses = [r["completion"] for r in train]
     else:
-        test_msgs = _read_task_rows(cfg.task, "task")
-        train_msgs = _read_task_rows(cfg.task_train, "task_train") if cfg.task_train else test_msgs
+        test_msgs = read_held_out(cfg.task, "task")
+        train_msgs = (
+            read_held_out(cfg.task_train, "task_train", scored=False) if cfg.task_train else test_msgs
+        )
         train_responses = [_last_assistant(m) for m in train_msgs]
     chosen = subset_indices(len(test_msgs), cfg.n_task, cfg.seed, salt="task")
     return [task_example(tokenizer, test_msgs[i]) for i in chosen], train_responses
