@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from arrtune.errors import ArrtuneError
 
@@ -113,9 +114,15 @@ def adapter_base(adapter: str) -> str:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from arrtune.experiments import load_grid, run_grid
+    from arrtune.experiments import load_grid
 
-    grid = load_grid(args.config, args.overrides)
+    return _run_grid(load_grid(args.config, args.overrides), args)
+
+
+def _run_grid(grid: Any, args: argparse.Namespace) -> int:
+    """Train and evaluate a grid (``compare``, ``demo``), then print its report."""
+    from arrtune.experiments import run_grid
+
     out = run_grid(grid, progress=not args.no_progress, debug=args.debug)
     print((out / "report.md").read_text())
     print(f"report written to {out / 'report.md'}")
@@ -129,7 +136,7 @@ DEMO_RUNS = {False: (("sft", "arr"), "6-8 minutes"), True: (("sft", "kl", "repla
 def _cmd_demo(args: argparse.Namespace) -> int:
     from importlib.resources import files
 
-    from arrtune.experiments import load_grid, run_grid
+    from arrtune.experiments import load_grid
 
     grid = load_grid(
         files("arrtune") / "configs" / "demo.yaml", [f"output_dir={args.output}", *args.overrides]
@@ -141,10 +148,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"40 steps each), evaluates each against the base model and writes {args.output}/report.md: about "
         f"{duration} on 2 CPU cores{'' if args.all else '; --all adds KL-only and replay-only runs'}"
     )
-    out = run_grid(grid, progress=not args.no_progress, debug=args.debug)
-    print((out / "report.md").read_text())
-    print(f"report written to {out / 'report.md'}")
-    return 0
+    return _run_grid(grid, args)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

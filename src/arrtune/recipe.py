@@ -126,7 +126,6 @@ def check_inputs(cfg: TrainConfig) -> None:
     from transformers import Trainer
     from transformers.trainer_utils import IntervalStrategy
 
-    from arrtune.config import build_config
     from arrtune.data.sft import read_held_out
 
     if cfg.task_eval:
@@ -137,10 +136,8 @@ def check_inputs(cfg: TrainConfig) -> None:
             f"config: eval_strategy={IntervalStrategy(cfg.eval_strategy).value} evaluates on held-out examples "
             "of the task: set task_eval=FILE (or train a built-in task)"
         )
-    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
     with tempfile.TemporaryDirectory(prefix="arrtune-check-") as tmp:
-        values.update(output_dir=tmp, push_to_hub=False)
-        args = build_config(values, "config")
+        args = dataclasses.replace(cfg, output_dir=tmp, push_to_hub=False)
         try:
             Trainer(model=_StandIn(), args=args, train_dataset=[{}], eval_dataset=[{}] if held_out else None)
         except ArrtuneError:
@@ -281,13 +278,11 @@ def build_trainer(cfg: TrainConfig, args: TrainConfig, run: RunPlan, model: Any,
                   state: Any) -> Any:  # fmt: skip
     """The first write (lock the run directory; a fresh run clears it and records its config), then the
     trainer."""
-    from arrtune.data.sft import collate_sft
     from arrtune.trainer import ARRTrainer, MetricsJsonl
 
     if state.is_main_process:
         start_run(run, cfg)
     state.wait_for_everyone()
-    pad_id = inputs.tokenizer.pad_token_id
     # logging_dir reaches transformers' TensorBoard callback, which reads it when the Trainer builds it
     with environment(
         "TENSORBOARD_LOGGING_DIR", str(Path(cfg.logging_dir).expanduser()) if cfg.logging_dir else None
@@ -297,8 +292,7 @@ def build_trainer(cfg: TrainConfig, args: TrainConfig, run: RunPlan, model: Any,
             args=args,
             train_dataset=inputs.examples,
             eval_dataset=inputs.eval_examples or None,
-            data_collator=lambda batch: collate_sft(batch, pad_id),
-            processing_class=inputs.tokenizer,
+            processing_class=inputs.tokenizer,  # the trainer pads its batches with this tokenizer's pad id
             callbacks=[
                 MetricsJsonl(run.run_dir / "metrics.jsonl", after_resume=checkpoint_step(run.resume_from))
             ],
