@@ -66,6 +66,10 @@ def test_behaviour_not_protected_is_said_in_one_sentence() -> None:
     quiet = {"adapted": {"bleed": 0.02, "bleed_stderr": 0.02}, "delta": {"ifeval/prompt_strict": -0.01,
                                                                        "ifeval/prompt_strict_stderr": 0.03}}  # fmt: skip
     assert behaviour_note(quiet) is None
+    # over the limit, but not beyond one standard error: noise, no sentence
+    within_noise = {"adapted": {"bleed": 0.08, "bleed_stderr": 0.05}, "delta": {"ifeval/prompt_strict": -0.02,
+                                                                              "ifeval/prompt_strict_stderr": 0.03}}  # fmt: skip
+    assert behaviour_note(within_noise) is None
     bleeding = {"adapted": {"bleed": 0.57, "bleed_stderr": 0.09}, "delta": {}}
     assert "57% of its answers" in behaviour_note(bleeding) and "replay_mix: 0.5" in behaviour_note(bleeding)
     forgetting = {
