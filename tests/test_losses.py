@@ -188,3 +188,79 @@ def test_plain_arr_loss_is_the_formula() -> None:
     # identical policy and reference: no KL, whatever the options
     same = arr_loss(sft, sft_labels, sft.clone(), kl_coef=5.0, kl_on="sft", kl_mask_target=True)
     assert torch.allclose(same, ce_sft, atol=1e-6)
+
+
+def _parts_for_grid(seed: int, short_replay: bool, padding: bool, H: int = 6, V: int = 13):
+    """SFT rows with prompts (IGNORE_INDEX) and optional right padding, replay rows that are optionally short
+    (one row narrower than the SFT rows, mostly padding), both policy and reference hidden states."""
+    g = torch.Generator().manual_seed(seed)
+    sft_hidden = torch.randn(3, 7, H, generator=g)
+    sft_labels = torch.randint(0, V, (3, 7), generator=g)
+    sft_labels[:, :2] = IGNORE_INDEX  # the prompt
+    if padding:
+        sft_labels[1, 5:] = IGNORE_INDEX
+        sft_labels[2, 4:] = IGNORE_INDEX
+    width = 3 if short_replay else 7
+    replay_hidden = torch.randn(2, width, H, generator=g)
+    replay_labels = torch.randint(0, V, (2, width), generator=g)
+    if padding:
+        replay_labels[1, width - 1 :] = IGNORE_INDEX
+    ref_sft = sft_hidden + 0.7 * torch.randn(sft_hidden.shape, generator=g)
+    ref_replay = replay_hidden + 0.7 * torch.randn(replay_hidden.shape, generator=g)
+    head = torch.nn.Linear(H, V, bias=False).requires_grad_(False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=g))
+    return sft_hidden, sft_labels, ref_sft, replay_hidden, replay_labels, ref_replay, head
+
+
+@pytest.mark.parametrize("kl_on", ["sft", "replay", "both"])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("mask_target", [False, True])
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+@pytest.mark.parametrize("short_replay", [False, True])
+@pytest.mark.parametrize("padding", [False, True])
+def test_chunked_objective_equals_the_specification(
+    kl_on, direction, mask_target, fraction, short_replay, padding
+):
+    """chunked_arr_loss (hidden states, chunks of 4 token rows) == arr_loss (full logits): value and the
+    gradient of every hidden state, over the whole option grid; no model involved."""
+    from arrtune.losses import arr_loss, chunked_arr_loss
+
+    sft_h, sft_y, ref_sft, rep_h, rep_y, ref_rep, head = _parts_for_grid(0, short_replay, padding)
+    options = dict(replay_weight=0.7, kl_coef=0.3, kl_on=kl_on, kl_direction=direction,
+                   kl_mask_target=mask_target, kl_fraction=fraction)  # fmt: skip
+    a = [sft_h.clone().requires_grad_(True), rep_h.clone().requires_grad_(True)]
+    spec = arr_loss(head(a[0]), sft_y, head(ref_sft), head(a[1]), rep_y, head(ref_rep), **options)
+    spec.backward()
+    b = [sft_h.clone().requires_grad_(True), rep_h.clone().requires_grad_(True)]
+    fast = chunked_arr_loss(b[0], sft_y, ref_sft, b[1], rep_y, ref_rep, head=head, chunk_rows=4, **options)
+    fast.backward()
+    assert torch.allclose(fast, spec, rtol=1e-5, atol=1e-6), (float(fast), float(spec))
+    for x, y in zip(a, b):
+        assert torch.allclose(y.grad, x.grad, rtol=1e-4, atol=1e-6), float((y.grad - x.grad).abs().max())
+
+
+def test_chunked_objective_without_replay_or_kl_is_the_response_cross_entropy() -> None:
+    from arrtune.losses import chunked_arr_loss
+
+    sft_h, sft_y, *_, head = _parts_for_grid(1, False, True)
+    got = chunked_arr_loss(sft_h, sft_y, None, head=head)
+    want = F.cross_entropy(head(sft_h).reshape(-1, head.out_features), sft_y.reshape(-1), ignore_index=-100)
+    assert torch.allclose(got, want, rtol=1e-5)
+
+
+def test_token_weights_are_the_means_of_the_specification() -> None:
+    from arrtune.losses import token_weights
+
+    sft = torch.tensor([[-100, 1, 2], [-100, -100, 3]])
+    replay = torch.tensor([[4, 5, -100], [6, 7, 8]])
+    w = token_weights(
+        {"sft": sft, "replay": replay}, replay_weight=0.5, kl_coef=2.0, kl_on="both", kl_fraction=0.5
+    )
+    assert w["sft"].n_targets == 3 and w["replay"].n_targets == 5
+    assert torch.allclose(w["sft"].ce_weight, (sft != -100) / 3.0)
+    assert torch.allclose(w["replay"].ce_weight, 0.5 * (replay != -100) / 5.0)
+    # the KL on the first ceil(0.5 x 2) = 1 row of each part: 2 + 2 tokens, one mean over the four
+    assert (w["sft"].n_kl_targets, w["replay"].n_kl_targets) == (2, 2)
+    assert torch.allclose(w["sft"].kl_weight, torch.tensor([[0.0, 0.5, 0.5], [0.0, 0.0, 0.0]]))
+    assert torch.allclose(w["replay"].kl_weight, torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 0.0]]))

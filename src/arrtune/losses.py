@@ -1,6 +1,7 @@
-"""The ARR objective: :func:`arr_loss`, the plain specification, and :func:`head_losses`, the same terms
-computed from final hidden states in chunks, with no ``B x T x V`` logits block (what training runs; tests
-hold it to :func:`arr_loss`, values and gradients).
+"""The ARR objective, twice: :func:`arr_loss`, the plain specification from full logits, and
+:func:`chunked_arr_loss`, the same signature and meaning from final hidden states and output heads, computed
+in chunks with no ``B x T x V`` logits block (what training runs; ``tests/test_losses.py`` holds the two
+equal in value and gradient over every option). Both weigh tokens as :func:`token_weights` says.
 
 Nothing here knows about trainers, files or configs. Shapes: ``B`` rows, ``T`` positions, ``V`` vocabulary,
 ``H`` hidden size. ``hidden[:, t]`` predicts ``labels[:, t]``: callers pass already-shifted tensors
@@ -89,6 +90,117 @@ def arr_loss(
     if kl_terms:
         loss = loss + kl_coef * torch.cat(kl_terms).mean()
     return loss
+
+
+@dataclass
+class PartWeights:
+    """The weight of each token's terms in one part (SFT or replay rows) of a micro-batch: the part adds
+    ``sum(ce_weight * CE) + sum(kl_weight * KL)`` to the loss."""
+
+    #: ``(B, T)``: 1 / n label tokens of the part (``replay_weight`` / n for replay) at label tokens, else 0
+    ce_weight: torch.Tensor
+    #: ``(B, T)``: ``kl_coef`` / n KL tokens of the micro-batch at this part's KL tokens, else 0
+    kl_weight: torch.Tensor
+    #: label tokens of the part (the denominator of its cross-entropy)
+    n_targets: int
+    #: KL tokens of the part (its share of the KL's denominator)
+    n_kl_targets: int
+
+
+def token_weights(
+    labels: dict[str, torch.Tensor],
+    *,
+    replay_weight: float = 1.0,
+    kl_coef: float = 0.0,
+    kl_on: str = "replay",
+    kl_fraction: float = 1.0,
+) -> dict[str, PartWeights]:
+    """Per-token weights of the ARR objective for the parts of one micro-batch (``labels``: ``"sft"`` and
+    optionally ``"replay"`` to ``(B, T)`` shifted labels), as :func:`arr_loss` defines them: each part's CE is
+    a mean over its label tokens; the KL is one mean over the KL tokens of every part named by ``kl_on``
+    (``sft``, ``replay`` or ``both``), which are the label tokens of its first ``ceil(kl_fraction x rows)``
+    rows."""
+    weights = {}
+    kl_tokens = {}
+    for name, part_labels in labels.items():
+        has = part_labels != IGNORE_INDEX
+        if kl_coef > 0 and kl_on in (name, "both"):
+            rows = max(1, math.ceil(kl_fraction * len(part_labels)))
+            kl_tokens[name] = has & (torch.arange(len(part_labels), device=has.device) < rows)[:, None]
+        n = int(has.sum())
+        ce = has * ((1.0 if name == "sft" else replay_weight) / max(n, 1))
+        weights[name] = PartWeights(ce.float(), torch.zeros_like(ce, dtype=torch.float32), n, 0)
+    n_kl = sum(int(t.sum()) for t in kl_tokens.values())
+    for name, tokens in kl_tokens.items():
+        weights[name].kl_weight = tokens * (kl_coef / max(n_kl, 1))
+        weights[name].n_kl_targets = int(tokens.sum())
+    return weights
+
+
+def chunked_arr_loss(
+    sft_hidden: torch.Tensor,
+    sft_labels: torch.Tensor,
+    ref_sft_hidden: torch.Tensor | None,
+    replay_hidden: torch.Tensor | None = None,
+    replay_labels: torch.Tensor | None = None,
+    ref_replay_hidden: torch.Tensor | None = None,
+    *,
+    head: Head,
+    ref_head: Head | None = None,
+    replay_weight: float = 1.0,
+    kl_coef: float = 0.0,
+    kl_on: str = "replay",
+    kl_direction: KLDirection = "reverse",
+    kl_mask_target: bool = False,
+    kl_fraction: float = 1.0,
+    head_params: Sequence[torch.Tensor] = (),
+    chunk_rows: int = 0,
+) -> torch.Tensor:
+    """:func:`arr_loss` from final hidden states ``(B, T, H)`` instead of logits: ``head`` (the policy's output
+    layer) and ``ref_head`` (the reference's; default ``head``) turn them into logits a chunk of token rows at
+    a time (:func:`head_losses`). Same arguments and meaning otherwise; ``head_params`` are trainable
+    parameters inside ``head``, ``chunk_rows`` as :func:`head_losses`.
+
+    Training runs the SFT and the replay rows as two forward/backward passes, so it calls
+    :func:`token_weights` once and :func:`part_loss` per pass; this function is the two together."""
+    parts = {"sft": (sft_hidden, sft_labels, ref_sft_hidden)}
+    if replay_hidden is not None:
+        parts["replay"] = (replay_hidden, replay_labels, ref_replay_hidden)
+    weights = token_weights({k: v[1] for k, v in parts.items()}, replay_weight=replay_weight, kl_coef=kl_coef,
+                            kl_on=kl_on, kl_fraction=kl_fraction)  # fmt: skip
+    total = sft_hidden.new_zeros((), dtype=torch.float32)
+    for name, (hidden, labels, ref_hidden) in parts.items():
+        drop = labels if kl_mask_target and name == "sft" else None
+        loss, _, _ = part_loss(hidden, labels, weights[name], head, ref_hidden, ref_head or head, kl_direction,
+                               drop, head_params, chunk_rows)  # fmt: skip
+        total = total + loss
+    return total
+
+
+def part_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    weights: PartWeights,
+    head: Head,
+    ref_hidden: torch.Tensor | None = None,
+    ref_head: Head | None = None,
+    kl_direction: KLDirection = "reverse",
+    drop_labels: torch.Tensor | None = None,
+    head_params: Sequence[torch.Tensor] = (),
+    chunk_rows: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One part's weighted terms (:func:`head_losses`'s ``(loss, ce, kl)``) with the weights of
+    :func:`token_weights`; ``ref_hidden`` is needed only where the part carries a KL. ``drop_labels``: the
+    ``(B, T)`` token ids cut out of both distributions before the KL (the labels, for ``kl_mask_target`` on
+    SFT rows; ``IGNORE_INDEX`` where nothing is cut)."""
+    kl = None
+    if bool((weights.kl_weight != 0).any()):
+        if ref_hidden is None:
+            raise ValueError("this part carries a KL: pass the reference's hidden states")
+        if drop_labels is not None and not bool((drop_labels != IGNORE_INDEX).any()):
+            drop_labels = None
+        kl = KLTerm(ref_hidden, ref_head or head, weights.kl_weight, kl_direction, drop_labels)
+    return head_losses(hidden, head, labels, weights.ce_weight, kl, head_params, chunk_rows)
 
 
 def default_chunk_rows(vocab_size: int) -> int:

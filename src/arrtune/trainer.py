@@ -9,8 +9,10 @@ checkpointing are the Trainer's. This class only:
   are alive at a time, so replay does not raise peak memory;
 * runs the reference (the same network with the LoRA adapter disabled, no gradient) on the rows that carry
   the KL, keeping only its final hidden states;
-* computes CE and KL from the final hidden states in chunks (:func:`arrtune.losses.head_losses`), so no
-  ``B x T x V`` logits block is built, and logs each term (averaged over ranks);
+* weighs every token as the specification does (:func:`arrtune.losses.token_weights`, once per micro-batch)
+  and computes each pass's CE and KL from the final hidden states in chunks
+  (:func:`arrtune.losses.part_loss`, the pass-by-pass form of :func:`arrtune.losses.chunked_arr_loss`), so
+  no ``B x T x V`` logits block is built, and logs each term (averaged over ranks);
 * with a ``drift_budget``, adapts ``kl_coef`` after every optimizer step (:mod:`arrtune.budget`) from the
   drift on a few set-aside replay documents or from the loss's own KL;
 * stops at the first non-finite loss, on every rank, and never checkpoints the diverged model;
@@ -43,7 +45,7 @@ from arrtune.data.replay import ReplayStream
 from arrtune.data.sft import collate_sft, tokenize_row
 from arrtune.errors import ArrtuneError
 from arrtune.lm import InitialModel, base_model, output_head, pad_token_id
-from arrtune.losses import IGNORE_INDEX, KLTerm, default_chunk_rows, head_losses
+from arrtune.losses import IGNORE_INDEX, PartWeights, default_chunk_rows, part_loss, token_weights
 from arrtune.rundir import StagedCheckpoints, truncate_metrics
 
 REPLAY_STATE = "replay_state_rank{rank}.json"
@@ -54,18 +56,14 @@ TERMS = ("sft_loss", "replay_loss", "kl")
 
 @dataclass
 class _Part:
-    """SFT or replay rows of one micro-batch, with the weights of their loss terms."""
+    """SFT or replay rows of one micro-batch, with the weights of their tokens' loss terms."""
 
     name: str
     ids: torch.Tensor
     labels: torch.Tensor
     attention: torch.Tensor
-    ce_token_weight: float  # weight of each label token's CE: 1 / n for SFT, replay_weight / n for replay
-    kl_token_weight: float  # weight of each label token's KL: kl_coef / n KL tokens (0: no KL on these rows)
-    drop_labels: bool  # kl_mask_target on these rows
-    kl_rows: int = 0  # the first kl_rows rows carry the KL (kl_fraction)
-    n_targets: int = 0  # label tokens of these rows (the CE's denominator)
-    n_kl_targets: int = 0  # label tokens of the KL rows (their share of the KL's denominator)
+    weights: PartWeights  # per-token CE and KL weights of the shifted labels (losses.token_weights)
+    mask_target: bool = False  # kl_mask_target on these rows
 
 
 #: PEFT initialisations that rewrite the base weights (W becomes W - BA): with the adapter off, the model is
@@ -172,32 +170,24 @@ class ARRTrainer(StagedCheckpoints, Trainer):
 
     # -- the loss ------------------------------------------------------------------------------------
     def _parts(self, inputs: dict[str, torch.Tensor]) -> list[_Part]:
-        """The SFT rows and (if replay is on) a replay batch (:meth:`replay_shape`), with their loss weights."""
+        """The SFT rows and (if replay is on) a replay batch (:meth:`replay_shape`), with their token weights."""
         cfg = self.args
         ids, labels, attention = inputs["input_ids"], inputs["labels"], inputs["attention_mask"]
         n_sft_tokens = int(attention.sum())
         self._sft_tokens += n_sft_tokens
-        parts = [_Part("sft", ids, labels, attention, 0.0, 0.0, cfg.kl_mask_target)]
+        rows = {"sft": (ids, labels, attention)}
         if self.replay_ratio > 0 and self.replay is not None:
             n_replay, width = self.replay_shape(n_sft_tokens, ids.shape[1])
             rb = self.replay.batch(n_replay, width, self.processing_class.pad_token_id)
-            rb = {k: v.to(ids.device) for k, v in rb.items()}
-            parts.append(
-                _Part("replay", rb["input_ids"], rb["labels"], rb["attention_mask"], 0.0, 0.0, False)
-            )
+            rows["replay"] = tuple(rb[k].to(ids.device) for k in ("input_ids", "labels", "attention_mask"))
         # kl_every = n: the KL on one optimizer step in n, weighted n x (same expected penalty, 1/n the cost)
         coef = self.controller.coef if self.controller is not None else self.kl_coef
         kl_coef = coef * cfg.kl_every if self.state.global_step % cfg.kl_every == 0 else 0.0
-        kl_parts = [p for p in parts if self.kl_on in (p.name, "both")] if kl_coef > 0 else []
-        for part in kl_parts:  # kl_fraction: the KL (and the reference forward) on the first rows only
-            part.kl_rows = max(1, math.ceil(cfg.kl_fraction * len(part.ids)))
-            part.n_kl_targets = _n_targets(part.labels[: part.kl_rows])
-        n_kl = sum(p.n_kl_targets for p in kl_parts)
-        for part in parts:
-            part.n_targets = _n_targets(part.labels)
-            part.ce_token_weight = (1.0 if part.name == "sft" else cfg.replay_weight) / max(part.n_targets, 1)
-            part.kl_token_weight = kl_coef / n_kl if part in kl_parts and n_kl > 0 else 0.0
-        return parts
+        weights = token_weights({name: r[1][:, 1:] for name, r in rows.items()}, replay_weight=cfg.replay_weight,
+                                kl_coef=kl_coef, kl_on=self.kl_on, kl_fraction=cfg.kl_fraction)  # fmt: skip
+        return [
+            _Part(name, *r, weights[name], cfg.kl_mask_target and name == "sft") for name, r in rows.items()
+        ]
 
     def replay_shape(self, n_sft_tokens: int, sft_width: int) -> tuple[int, int]:
         """(replay tokens, width of the replay rows) for a micro-batch of ``n_sft_tokens`` SFT tokens in rows of
@@ -242,46 +232,35 @@ class ARRTrainer(StagedCheckpoints, Trainer):
         return hidden
 
     def _pass_loss(self, model: Any, parts: list[_Part]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One forward over the rows of ``parts``: the weighted loss, and each part's CE and KL sums."""
+        """One forward over the rows of ``parts``: their weighted loss (:func:`arrtune.losses.part_loss`), and
+        each part's CE and KL sums (for logging)."""
         ids = torch.cat([p.ids for p in parts])
         attention = torch.cat([p.attention for p in parts])
         targets = torch.cat([p.labels for p in parts])[:, 1:]
-        has_target = targets != IGNORE_INDEX
+        weights = PartWeights(
+            torch.cat([p.weights.ce_weight for p in parts]), torch.cat([p.weights.kl_weight for p in parts]),
+            sum(p.weights.n_targets for p in parts), sum(p.weights.n_kl_targets for p in parts),
+        )  # fmt: skip
         rows = torch.cat([torch.full((len(p.ids),), i, device=ids.device) for i, p in enumerate(parts)])
-
-        def per_row(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=ids.device)[rows][:, None] * has_target
-
         peft_model = self.accelerator.unwrap_model(model)
         head = output_head(peft_model)
-        kl = None
-        in_kl_rows = torch.cat([torch.arange(len(p.ids), device=ids.device) < p.kl_rows for p in parts])
-        kl_weight = per_row([p.kl_token_weight for p in parts]) * in_kl_rows[:, None]
-        if bool((kl_weight != 0).any()):
-            kl_rows = (kl_weight != 0).any(1).nonzero().view(-1)
+        ref_hidden, ref_head, drop = None, None, None
+        kl_rows = (weights.kl_weight != 0).any(1).nonzero().view(-1)
+        if len(kl_rows):  # the reference runs on the rows that carry the KL only
             if self.reference is None:
                 self.reference = InitialModel(peft_model)
             ref = self.reference.hidden(ids[kl_rows], attention[kl_rows])
             ref_hidden = ref.new_zeros(*ids.shape, ref.shape[-1])
             ref_hidden[kl_rows] = ref
-            drop = torch.where(per_row([float(p.drop_labels) for p in parts]) != 0, targets, IGNORE_INDEX)
-            kl = KLTerm(
-                ref_hidden[:, :-1], self.reference.head(head), kl_weight, self.args.kl_direction,
-                drop if bool((drop != IGNORE_INDEX).any()) else None,
-            )  # fmt: skip
+            ref_hidden, ref_head = ref_hidden[:, :-1], self.reference.head(head)
+            masked = torch.cat([torch.full((len(p.ids),), p.mask_target, device=ids.device) for p in parts])
+            drop = torch.where(masked[:, None], targets, IGNORE_INDEX)
         hidden = self._policy_hidden(model, ids, attention)
         out_layer = base_model(peft_model).get_output_embeddings()
         head_params = [p for p in out_layer.parameters() if p.requires_grad]
         chunk_rows = self.args.loss_chunk_rows or default_chunk_rows(out_layer.weight.shape[0])
-        loss, ce_tok, kl_tok = head_losses(
-            hidden[:, :-1],
-            head,
-            targets,
-            per_row([p.ce_token_weight for p in parts]),
-            kl,
-            head_params,
-            chunk_rows,
-        )
+        loss, ce_tok, kl_tok = part_loss(hidden[:, :-1], targets, weights, head, ref_hidden, ref_head,
+                                         self.args.kl_direction, drop, head_params, chunk_rows)  # fmt: skip
         sums = {}
         for i, part in enumerate(parts):
             sums[f"{part.name}_ce"] = ce_tok[rows == i].sum()
@@ -294,11 +273,11 @@ class ARRTrainer(StagedCheckpoints, Trainer):
 
     def _record_parts(self, parts: list[_Part], sums: dict[str, torch.Tensor]) -> None:
         terms: dict[str, torch.Tensor | None] = {
-            f"{p.name}_loss": sums[f"{p.name}_ce"] / max(p.n_targets, 1) for p in parts
+            f"{p.name}_loss": sums[f"{p.name}_ce"] / max(p.weights.n_targets, 1) for p in parts
         }
-        kl_parts = [p for p in parts if p.kl_token_weight > 0]
+        kl_parts = [p for p in parts if p.weights.n_kl_targets > 0]
         if kl_parts:
-            n_kl = sum(p.n_kl_targets for p in kl_parts)
+            n_kl = sum(p.weights.n_kl_targets for p in kl_parts)
             terms["kl"] = sum(sums[f"{p.name}_kl"] for p in kl_parts) / max(n_kl, 1)
             self._step_kl.append(float(terms["kl"].detach()))
         self._record(**terms)
@@ -339,9 +318,8 @@ class ARRTrainer(StagedCheckpoints, Trainer):
         of a held-out SFT batch, as ``eval_loss``. It draws no replay, logs no training term and leaves the
         drift-budget controller alone, so evaluating does not change training."""
         inputs = self._prepare_inputs(inputs)
-        part = _Part("sft", inputs["input_ids"], inputs["labels"], inputs["attention_mask"], 0.0, 0.0, False)
-        part.n_targets = _n_targets(part.labels)
-        part.ce_token_weight = 1.0 / max(part.n_targets, 1)
+        ids, labels, attention = inputs["input_ids"], inputs["labels"], inputs["attention_mask"]
+        part = _Part("sft", ids, labels, attention, token_weights({"sft": labels[:, 1:]})["sft"])
         with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
             loss, _ = self._pass_loss(model, [part])
         return loss.detach(), None, None
@@ -513,11 +491,6 @@ def _tokenized(dataset: Any, tokenizer: Any, args: ARRConfig, name: str) -> Any:
     if not rows:
         raise ArrtuneError(f"{name}: no rows of at most max_length={args.max_length} tokens")
     return rows
-
-
-def _n_targets(labels: torch.Tensor) -> int:
-    """Label tokens of a batch, after the one-position shift (each is predicted by the position before)."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 class _ControllerStep(TrainerCallback):
