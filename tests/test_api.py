@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import re
 import shutil
@@ -54,7 +56,8 @@ def _model(model_dir: Path, **lora):
 
 
 def _args(tmp_path: Path, **kw) -> ARRConfig:
-    return ARRConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none", use_cpu=True, **kw)
+    return ARRConfig(**{"output_dir": str(tmp_path / "out"), "max_steps": 1, "report_to": "none", "use_cpu": True,
+                        **kw})  # fmt: skip
 
 
 def test_trl_dataset_formats_tokenize_with_their_loss_masks(tiny_model_dir, tiny_tokenizer, tmp_path) -> None:
@@ -205,3 +208,49 @@ def test_arr_terms_add_exactly_to_the_trl_loss(tiny_model_dir, tiny_tokenizer, t
     assert record["replay_loss"] > 0 and record["kl"] > 1e-3
     assert record["loss"] == pytest.approx(record["sft_loss"] + 0.3 * record["replay_loss"] + 0.5 * record["kl"],
                                            abs=1e-5)  # fmt: skip
+
+
+def test_a_mixed_replay_replays_the_initial_models_own_answers(
+    tiny_model_dir, tiny_tokenizer, tmp_path, monkeypatch
+) -> None:
+    """ARRTrainer with replay_mix mixes corpus replay with self-replay, and the self-replay answers are the
+    initial model's: generated with the adapter off, even when the adapter already changes the outputs."""
+    from arrtune.data.replay import MixedReplay
+    from arrtune.data.self_replay import GenerationSettings, generate_answers, load_prompts
+    from arrtune.generation import question_prompt_ids
+    from arrtune.models import cache_dir
+
+    monkeypatch.setenv("ARRTUNE_CACHE", str(tmp_path / "cache"))
+    model = get_peft_model(_model(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear"))
+    randomize_lora_b(model, 0.5)
+    rows = [{"messages": [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": f"a {i}"}]}
+            for i in range(8)]  # fmt: skip
+    args = _args(tmp_path, max_steps=4, per_device_train_batch_size=2, replay_mix=0.5)
+    trainer = ARRTrainer(model, args, train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer)
+    assert isinstance(trainer.replay, MixedReplay) and trainer.replay.first_share == 0.5
+    info = trainer.self_replay_info
+    assert info["self_replay_answers"] > 0
+    got = [json.loads(line) for line in Path(info["self_replay_cache"]).read_text().splitlines()]
+    settings = GenerationSettings(args.replay_temperature, args.replay_top_p, args.replay_max_new_tokens)
+    n_tokens = sum(len(question_prompt_ids(tiny_tokenizer, r["prompt"])) + len(r["answer_ids"]) for r in got)
+    plain = _model(tiny_model_dir)
+    want, _ = generate_answers(plain, tiny_tokenizer, load_prompts(None), n_tokens, settings,
+                               cache_dir() / "plain.jsonl", progress=False)  # fmt: skip
+    assert [r["answer_ids"] for r in got] == [r["answer_ids"] for r in want[: len(got)]]
+    with_adapter, _ = generate_answers(model, tiny_tokenizer, load_prompts(None), n_tokens, settings,
+                                       cache_dir() / "adapted.jsonl", progress=False)  # fmt: skip
+    assert [r["answer_ids"] for r in with_adapter] != [r["answer_ids"] for r in want[: len(with_adapter)]]
+    trainer.train()  # and it trains
+
+
+def test_self_replay_without_a_chat_template_is_one_line(tiny_model_dir, tiny_tokenizer, tmp_path) -> None:
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = None
+    rows = [{"text": f"plain text {i}"} for i in range(4)]
+    model = get_peft_model(_model(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear"))
+    with pytest.raises(ArrtuneError, match=r"replay_mix=0.5: self-replay .* set replay_mix: 0"):
+        ARRTrainer(model, _args(tmp_path, replay_mix=0.5), train_dataset=Dataset.from_list(rows),
+                   processing_class=tokenizer)  # fmt: skip
+    trainer = ARRTrainer(model, _args(tmp_path, replay_mix=0.0), train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer)  # fmt: skip
+    assert trainer.self_replay_info == {} and trainer.replay is not None

@@ -61,6 +61,9 @@ PRESETS: dict[str, tuple[float, float]] = {
     "replay": (0.0, 0.25),
     "arr": (1.0, 0.25),
 }
+#: share of the replay tokens that are the base model's own answers (self-replay) unless ``replay_mix`` is
+#: set. It applies to ``replay`` and ``arr`` alike, so that the two differ only by the KL.
+DEFAULT_REPLAY_MIX = 0.0
 
 
 def _field(default: Any, help: str, **kw: Any) -> Any:
@@ -153,6 +156,22 @@ class ARRConfig(TrainingArguments):
         "text", "Field/column holding the text in JSONL, parquet and HF replay data."
     )
 
+    replay_mix: float = _field(
+        DEFAULT_REPLAY_MIX,
+        "Share of the replay tokens that are self-replay (the base model's own answers to general prompts, "
+        "generated once before training and cached), the rest coming from the 'replay' corpus: 0 = corpus "
+        "only, 0.5 = half each, 1 = self only ('replay: self' means 1). Needs a chat template.",
+    )
+    replay_prompts: str | None = _field(
+        None,
+        "Prompts the base model answers for self-replay: a .txt (one per line) or .jsonl (field prompt, "
+        "question or text) file, or a HF dataset id; default: built-in Natural Questions, disjoint from every "
+        "evaluation prompt.",
+    )
+    replay_temperature: float = _field(0.7, "Sampling temperature of the self-replay answers (0 = greedy).")
+    replay_top_p: float = _field(0.9, "Nucleus (top-p) sampling threshold of the self-replay answers.")
+    replay_max_new_tokens: int = _field(96, "Longest self-replay answer, in tokens.")
+
     # -- SFT data (TRL SFTConfig's names) ----------------------------------------------------------------
     max_length: int = _field(256, "Longest SFT example in tokens; longer ones are dropped and counted.")
     completion_only_loss: bool | None = _field(
@@ -178,6 +197,10 @@ class ARRConfig(TrainingArguments):
     def resolved_replay_ratio(self) -> float:
         """replay_ratio, or the method preset's value when unset."""
         return PRESETS[self.method][1] if self.replay_ratio is None else float(self.replay_ratio)
+
+    def resolved_replay_mix(self) -> float:
+        """Share of replay tokens from self-replay: 1 for ``replay: self``, else ``replay_mix``."""
+        return 1.0 if self.replay == "self" else float(self.replay_mix)
 
     def resolved_kl_on(self) -> str:
         """kl_on, with 'auto' turned into 'replay' (replay on) or 'sft' (replay off)."""
@@ -214,6 +237,10 @@ class ARRConfig(TrainingArguments):
                 self.drift_budget is None or self.resolved_kl_coef() > 0,
                 "used with a KL: kl_coef > 0 (its starting value), e.g. method arr",
             ),
+            ("replay_mix", 0 <= self.replay_mix <= 1, "in [0, 1]"),
+            ("replay_temperature", self.replay_temperature >= 0, ">= 0"),
+            ("replay_top_p", 0 < self.replay_top_p <= 1, "in (0, 1]"),
+            ("replay_max_new_tokens", self.replay_max_new_tokens > 0, "> 0"),
             ("max_length", self.max_length > 1, "> 1"),
             ("packing", not self.packing, "false: ARRTrainer pads its rows (packing is not supported)"),
         ]
@@ -291,21 +318,6 @@ class TrainConfig(ARRConfig):
         "for exact match and response loss; built-in tasks use their own held-out split. Unset with your own "
         "data: no task score.",
     )
-    replay_mix: float = _field(
-        0.0,
-        "Share of the replay tokens that are self-replay (the base model's own answers), the rest coming "
-        "from the 'replay' corpus: 0 = corpus only, 0.5 = half each, 1 = self only ('replay: self' means 1).",
-    )
-    replay_prompts: str | None = _field(
-        None,
-        "Prompts the base model answers for self-replay: a .txt (one per line) or .jsonl (field prompt, "
-        "question or text) file, or a HF dataset id; default: built-in Natural Questions, disjoint from every "
-        "evaluation prompt.",
-    )
-    replay_temperature: float = _field(0.7, "Sampling temperature of the self-replay answers (0 = greedy).")
-    replay_top_p: float = _field(0.9, "Nucleus (top-p) sampling threshold of the self-replay answers.")
-    replay_max_new_tokens: int = _field(96, "Longest self-replay answer, in tokens.")
-
     # -- LoRA -----------------------------------------------------------------------------------------
     lora_r: int = _field(16, "LoRA rank.")
     lora_alpha: float = _field(32.0, "LoRA scaling numerator (scale = alpha / r).")
@@ -342,10 +354,6 @@ class TrainConfig(ARRConfig):
         self.validate()  # arrtune's rules first: they name the key
         TrainingArguments.__post_init__(self)
 
-    def resolved_replay_mix(self) -> float:
-        """Share of replay tokens from self-replay: 1 for ``replay: self``, else ``replay_mix``."""
-        return 1.0 if self.replay == "self" else float(self.replay_mix)
-
     def resolved_model_dtype(self) -> str:
         """model_dtype, with 'auto' turned into 'bfloat16' (bf16 training) or 'float32'."""
         if self.model_dtype != "auto":
@@ -381,10 +389,6 @@ class TrainConfig(ARRConfig):
             ("lora_r", self.lora_r > 0, "> 0"),
             ("lora_alpha", self.lora_alpha > 0, "> 0"),
             ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
-            ("replay_mix", 0 <= self.replay_mix <= 1, "in [0, 1]"),
-            ("replay_temperature", self.replay_temperature >= 0, ">= 0"),
-            ("replay_top_p", 0 < self.replay_top_p <= 1, "in (0, 1]"),
-            ("replay_max_new_tokens", self.replay_max_new_tokens > 0, "> 0"),
             ("per_device_train_batch_size", self.per_device_train_batch_size > 0, "> 0"),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps > 0, "> 0"),
             ("num_train_epochs", self.max_steps > 0 or self.num_train_epochs > 0, "> 0 when max_steps <= 0"),

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -171,7 +170,7 @@ class Inputs:
 def load_inputs(cfg: TrainConfig, state: Any) -> Inputs:
     """Tokenizer, SFT examples, the replay corpus stream (sharded per rank) and the self-replay prompts."""
     from arrtune.data.replay import ReplayStream
-    from arrtune.data.self_replay import load_prompts
+    from arrtune.data.self_replay import check_chat_template, load_prompts
     from arrtune.data.sft import load_sft_examples
     from arrtune.models import load_tokenizer
 
@@ -193,6 +192,7 @@ def load_inputs(cfg: TrainConfig, state: Any) -> Inputs:
             seed=cfg.seed, hf_config=cfg.replay_config, hf_split=cfg.replay_split,
         )  # fmt: skip
     if self_share > 0:
+        check_chat_template(cfg, tokenizer)
         inputs.prompts = load_prompts(cfg.replay_prompts)
     if cfg.eval_strategy != "no":  # the task's held-out examples: task_eval, or a built-in task's test split
         source, split = (cfg.task_eval, "train") if cfg.task_eval else (cfg.data, "test")
@@ -206,17 +206,16 @@ def load_base_model(cfg: TrainConfig, inputs: Inputs, state: Any) -> tuple[Any, 
     base model before the adapter exists, or both mixed) and the self-replay generation record."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from arrtune.data.replay import MixedReplay
+    from arrtune.data.replay import build_replay
     from arrtune.models import load_model
 
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, cfg.trust_remote_code, getattr(torch, cfg.resolved_model_dtype()),
                        load_in_4bit=cfg.load_in_4bit)  # fmt: skip
-    replay, info = inputs.corpus, {}
-    if inputs.prompts:
-        share = cfg.resolved_replay_mix()
-        own = _self_replay_stream(cfg, model, inputs, share, state, info)
-        replay = own if replay is None else MixedReplay(own, replay, share)
+    # the base model answers the self-replay prompts before it has an adapter
+    model_key = f"{cfg.model}|{getattr(model.config, '_name_or_path', '')}|{model.num_parameters()}"
+    replay, info = build_replay(cfg, inputs.tokenizer, inputs.examples, model, state, inputs.corpus,
+                                inputs.prompts or None, model_key)  # fmt: skip
     model.config.use_cache = False
     if (
         cfg.load_in_4bit
@@ -234,43 +233,6 @@ def load_base_model(cfg: TrainConfig, inputs: Inputs, state: Any) -> tuple[Any, 
     except ValueError as exc:
         raise ArrtuneError(f"config: target_modules={cfg.target_modules!r}: {exc}") from exc
     return model, replay, info
-
-
-def _self_replay_stream(cfg: TrainConfig, model: Any, inputs: Inputs, self_share: float, state: Any,
-                        info: dict[str, Any]) -> Any:  # fmt: skip
-    """The base model's answers to the self-replay prompts as a replay stream (generated once, cached; the
-    main process generates first, the other ranks read its cache). ``info`` receives the generation cost."""
-    from arrtune.data.replay import ReplayStream
-    from arrtune.data.self_replay import (
-        GenerationSettings,
-        cache_path,
-        conversations,
-        generate_answers,
-        token_budget,
-    )
-    from arrtune.models import cache_dir
-
-    examples = inputs.examples
-    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * state.num_processes
-    steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * len(examples) / per_step)
-    mean_tokens = sum(len(e["input_ids"]) for e in examples) / len(examples)
-    budget = token_budget(mean_tokens, per_step, steps, cfg.resolved_replay_ratio(), self_share)
-    settings = GenerationSettings(cfg.replay_temperature, cfg.replay_top_p, cfg.replay_max_new_tokens)
-    model_key = f"{cfg.model}|{getattr(model.config, '_name_or_path', '')}|{model.num_parameters()}"
-    path = cache_path(cache_dir(), model_key, inputs.prompts, settings)
-    with state.main_process_first():
-        rows, seconds = generate_answers(
-            model, inputs.tokenizer, inputs.prompts, budget, settings, path, not cfg.disable_tqdm
-        )
-    docs = conversations(inputs.tokenizer, rows)
-    if len(docs) < state.num_processes:
-        raise ArrtuneError("replay: the base model gave no usable self-replay answers (all empty)")
-    info.update({"self_replay_answers": len(docs), "self_replay_tokens": sum(len(d[0]) for d in docs),
-                 "self_replay_generation_s": seconds, "self_replay_cache": str(path)})  # fmt: skip
-    log.info("self-replay: %d answers, %d tokens (%s, %.0f s generating)", len(docs),
-             info["self_replay_tokens"], path, seconds)  # fmt: skip
-    return ReplayStream("self", inputs.tokenizer, rank=state.process_index, world_size=state.num_processes,
-                        seed=cfg.seed, documents=docs)  # fmt: skip
 
 
 # -- 4. trainer ------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from transformers import Trainer, TrainerCallback
 
 from arrtune.budget import DriftProbe, KLController
 from arrtune.config import ARRConfig
-from arrtune.data.replay import ReplayStream
+from arrtune.data.replay import MixedReplay, ReplayStream, build_replay
 from arrtune.data.sft import collate_sft, tokenize_row
 from arrtune.errors import ArrtuneError
 from arrtune.lm import InitialModel, base_model, output_head, pad_token_id
@@ -77,8 +77,9 @@ class ARRTrainer(StagedCheckpoints, Trainer):
     Used as TRL's ``SFTTrainer`` is: ``ARRTrainer(model=..., args=ARRConfig(...), train_dataset=ds,
     processing_class=tokenizer, peft_config=LoraConfig(...))``. Rows in TRL's formats (``messages``;
     ``prompt``/``completion`` as strings or messages; ``text``; or already tokenized) are tokenized here
-    (:func:`arrtune.data.sft.tokenize_row`); the replay stream is built from ``args.replay`` unless ``replay``
-    is given. The KL's reference is the model with its adapter switched off, so a KL needs a PEFT model (or
+    (:func:`arrtune.data.sft.tokenize_row`); unless ``replay`` is given, the replay stream is built from
+    ``args`` (:func:`arrtune.data.replay.build_replay`: the ``replay`` corpus, the model's own answers with
+    its adapter off, or both by ``replay_mix``). The KL's reference is the model with its adapter switched off, so a KL needs a PEFT model (or
     ``peft_config``) whose initialisation leaves the base weights as loaded."""
 
     args: ARRConfig
@@ -92,7 +93,7 @@ class ARRTrainer(StagedCheckpoints, Trainer):
         eval_dataset: Any = None,
         processing_class: Any = None,
         *rest: Any,
-        replay: ReplayStream | None = None,
+        replay: ReplayStream | MixedReplay | None = None,
         peft_config: Any = None,
         **kwargs: Any,
     ) -> None:
@@ -110,13 +111,13 @@ class ARRTrainer(StagedCheckpoints, Trainer):
             if data_collator is None:
                 pad_id = pad_token_id(processing_class)
                 data_collator = lambda batch: collate_sft(batch, pad_id)  # noqa: E731
-            if replay is None and args.resolved_replay_ratio() > 0:
-                from accelerate import PartialState
+        #: the self-replay generation record (answers, tokens, seconds, cache file); empty without self-replay
+        self.self_replay_info: dict[str, Any] = {}
+        if processing_class is not None and replay is None and args.resolved_replay_ratio() > 0:
+            from accelerate import PartialState
 
-                state = PartialState()
-                replay = ReplayStream(args.replay, processing_class, args.replay_text_field,
-                                      rank=state.process_index, world_size=state.num_processes, seed=args.seed,
-                                      hf_config=args.replay_config, hf_split=args.replay_split)  # fmt: skip
+            replay, self.self_replay_info = build_replay(args, processing_class, train_dataset, model,
+                                                         PartialState())  # fmt: skip
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *rest,
                          **kwargs)  # fmt: skip
         #: the method's coefficients, resolved from the config (a preset's or the user's)

@@ -196,3 +196,52 @@ def token_budget(
     return max(
         1, math.ceil(1.1 * mean_example_tokens * examples_per_step * steps * replay_ratio * self_share)
     )
+
+
+def check_chat_template(args: Any, tokenizer: Any) -> None:
+    """Self-replay asks the model questions through its chat template: refuse a tokenizer without one."""
+    if not getattr(tokenizer, "chat_template", None):
+        setting = "replay=self" if args.replay == "self" else f"replay_mix={args.resolved_replay_mix():g}"
+        raise ArrtuneError(
+            f"config: {setting}: self-replay asks the model questions through its chat template, and this "
+            "tokenizer has none; set replay_mix: 0 to replay the corpus only"
+        )
+
+
+def self_replay_stream(args: Any, model: Any, tokenizer: Any, prompts: list[str], examples: list[dict[str, Any]],
+                       state: Any, model_key: str | None = None) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+    """The model's answers to ``prompts`` as a replay stream, and the generation record (answers, tokens,
+    seconds, cache file). ``args`` is an :class:`arrtune.ARRConfig` (its steps, batch size, replay ratio and
+    mix size the set; its ``replay_*`` generation settings); ``examples`` the tokenized SFT rows (their mean
+    length sizes the set); ``state`` accelerate's ``PartialState`` (the main process generates first, the
+    other ranks read its cache). The model answers with any PEFT adapter switched off: the initial model's
+    answers. ``model_key`` names the model in the cache key (default: its ``name_or_path`` and size)."""
+    from arrtune.data.replay import ReplayStream
+    from arrtune.lm import adapter_disabled
+    from arrtune.models import cache_dir
+
+    check_chat_template(args, tokenizer)
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * state.num_processes
+    steps = (
+        args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * len(examples) / per_step)
+    )
+    mean_tokens = sum(len(e["input_ids"]) for e in examples) / len(examples)
+    budget = token_budget(
+        mean_tokens, per_step, steps, args.resolved_replay_ratio(), args.resolved_replay_mix()
+    )
+    settings = GenerationSettings(args.replay_temperature, args.replay_top_p, args.replay_max_new_tokens)
+    name = getattr(getattr(model, "config", None), "_name_or_path", "")
+    model_key = model_key or f"{name}|{model.num_parameters()}"
+    path = cache_path(cache_dir(), model_key, prompts, settings)
+    with state.main_process_first(), adapter_disabled(model):
+        rows, seconds = generate_answers(
+            model, tokenizer, prompts, budget, settings, path, not args.disable_tqdm
+        )
+    docs = conversations(tokenizer, rows)
+    if len(docs) < state.num_processes:
+        raise ArrtuneError("replay: the base model gave no usable self-replay answers (all empty)")
+    info = {"self_replay_answers": len(docs), "self_replay_tokens": sum(len(d[0]) for d in docs),
+            "self_replay_generation_s": seconds, "self_replay_cache": str(path)}  # fmt: skip
+    stream = ReplayStream("self", tokenizer, rank=state.process_index, world_size=state.num_processes,
+                          seed=args.seed, documents=docs)  # fmt: skip
+    return stream, info
