@@ -60,31 +60,60 @@ def _args(tmp_path: Path, **kw) -> ARRConfig:
                         **kw})  # fmt: skip
 
 
-def test_trl_dataset_formats_tokenize_with_their_loss_masks(tiny_model_dir, tiny_tokenizer, tmp_path) -> None:
-    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    rows = [
-        {"messages": chat},
-        {"prompt": "hi", "completion": "hello"},
-        {"prompt": chat[:1], "completion": chat[1:]},
-        {"text": "plain text for language modelling"},
-    ]
-    assistant_only = _args(tmp_path, method="sft", assistant_only_loss=True)
-    trainer = ARRTrainer(model=_model(tiny_model_dir), args=assistant_only, train_dataset=rows,
+TRL_ROWS = {
+    "messages": {
+        "messages": [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"}]
+    },
+    "prompt/completion": {"prompt": "The capital of France is", "completion": " Paris."},
+    "conversational prompt/completion": {
+        "prompt": [{"role": "user", "content": "hi there"}],
+        "completion": [{"role": "assistant", "content": "hello"}],
+    },
+    "text": {"text": "plain text for language modelling"},
+}
+
+
+@pytest.mark.parametrize("completion_only_loss", [None, False])
+@pytest.mark.parametrize("form", TRL_ROWS)
+def test_rows_become_the_batches_trl_makes_of_them(form, completion_only_loss, tiny_model_dir, tiny_tokenizer,
+                                                     tmp_path) -> None:  # fmt: skip
+    """Each of TRL's dataset formats: ARRTrainer's batch (ids, labels, attention) equals the one TRL's
+    SFTTrainer tokenizes and collates from the same row, at TRL's defaults."""
+    trl = pytest.importorskip("trl")
+    rows = [TRL_ROWS[form]] * 2
+    common = {
+        "completion_only_loss": completion_only_loss,
+        "report_to": "none",
+        "use_cpu": True,
+        "max_steps": 1,
+    }
+    theirs = trl.SFTTrainer(model=_model(tiny_model_dir), args=trl.SFTConfig(output_dir=str(tmp_path / "trl"), **common),
+                            train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer)  # fmt: skip
+    ours = ARRTrainer(model=_model(tiny_model_dir), args=_args(tmp_path, method="sft", **common),
+                      train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer,
+                      peft_config=LoraConfig(r=2, task_type="CAUSAL_LM"))  # fmt: skip
+    want = theirs.data_collator([theirs.train_dataset[0]])
+    got = ours.data_collator([ours.train_dataset[0]])
+    for key in ("input_ids", "labels", "attention_mask"):
+        assert got[key].tolist() == want[key].tolist(), key
+    assert (got["labels"] == IGNORE_INDEX).any() == (form != "text" and completion_only_loss is None and
+                                                      "prompt" in TRL_ROWS[form])  # fmt: skip
+
+
+def test_arrtune_train_defaults_put_string_prompts_through_the_chat_template(tiny_model_dir, tiny_tokenizer,
+                                                                              tmp_path) -> None:  # fmt: skip
+    """prompt_completion_as_chat and assistant_only_loss (arrtune train's defaults): every conversational form
+    becomes the same chat, loss on the response only."""
+    chat = TRL_ROWS["messages"]["messages"]
+    rows = [{"messages": chat}, {"prompt": chat[0]["content"], "completion": chat[1]["content"]},
+            {"prompt": chat[:1], "completion": chat[1:]}]  # fmt: skip
+    args = _args(tmp_path, method="sft", assistant_only_loss=True, prompt_completion_as_chat=True)
+    trainer = ARRTrainer(model=_model(tiny_model_dir), args=args, train_dataset=rows,
                          processing_class=tiny_tokenizer, peft_config=LoraConfig(r=2, task_type="CAUSAL_LM"))  # fmt: skip
-    messages, prompt_completion, conversational, text = trainer.train_dataset
-    # the response only, through the chat template, for the three conversational forms
+    messages, prompt_completion, conversational = trainer.train_dataset
     assert messages == prompt_completion == conversational
     masked = [i for i, lab in enumerate(messages["labels"]) if lab == IGNORE_INDEX]
     assert masked and len(masked) < len(messages["labels"])
-    assert text["labels"] == text["input_ids"]  # language modelling: every token
-    # TRL's defaults: messages rows train on every token; a datasets.Dataset is accepted as it is
-    trainer = ARRTrainer(model=_model(tiny_model_dir), args=_args(tmp_path, method="sft"),
-                         train_dataset=Dataset.from_list([rows[0]] * 3), processing_class=tiny_tokenizer,
-                         peft_config=LoraConfig(r=2, task_type="CAUSAL_LM"))  # fmt: skip
-    assert len(trainer.train_dataset) == 3
-    assert (
-        trainer.train_dataset[0]["labels"] == trainer.train_dataset[0]["input_ids"] == messages["input_ids"]
-    )
 
 
 def test_packing_is_refused_in_one_line(tmp_path) -> None:

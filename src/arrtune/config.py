@@ -184,6 +184,12 @@ class ARRConfig(TrainingArguments):
         "messages rows: loss on the assistant turns only (True) or on every token (False, TRL's default).",
     )
     dataset_text_field: str = _field("text", "Column holding the text of language-modelling rows.")
+    prompt_completion_as_chat: bool = _field(
+        False,
+        "prompt/completion rows with string values: plain text, prompt + completion + EOS, as TRL's standard "
+        "format (False), or a user turn and an assistant turn through the chat template (True, arrtune train's "
+        "default). Lists of messages always go through the chat template.",
+    )
     packing: bool = _field(False, "Not supported by ARRTrainer (rows are padded); True is refused.")
 
     def __post_init__(self) -> None:
@@ -329,6 +335,12 @@ class TrainConfig(ARRConfig):
     # -- optimisation ---------------------------------------------------------------------------------
     assistant_only_loss: bool = _field(
         True, "messages rows: loss on the assistant turns only (arrtune train's default), or on every token."
+    )
+    prompt_completion_as_chat: bool = _field(
+        True,
+        "prompt/completion rows with string values: a user turn and an assistant turn through the chat "
+        "template (True, for instruct models), or plain text, prompt + completion + EOS (False, TRL's standard "
+        "format). arrtune eval asks the task's prompts through the chat template either way.",
     )
     precision: str = _field(
         "auto",

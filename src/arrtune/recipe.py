@@ -176,7 +176,8 @@ def load_inputs(cfg: TrainConfig, state: Any) -> Inputs:
 
     with state.main_process_first():  # a GGUF model is converted once, by the main process
         tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    examples, stats = load_sft_examples(cfg.data, tokenizer, cfg.max_length, cfg.data_split)
+    examples, stats = load_sft_examples(cfg.data, tokenizer, cfg.max_length, cfg.data_split,
+                                        cfg.prompt_completion_as_chat)  # fmt: skip
     if stats.n_too_long or stats.n_empty_response:
         log.warning(
             "data: dropped %d of %d examples (%d longer than max_length=%d, %d with an empty response); first: %s",
@@ -196,7 +197,8 @@ def load_inputs(cfg: TrainConfig, state: Any) -> Inputs:
         inputs.prompts = load_prompts(cfg.replay_prompts)
     if cfg.eval_strategy != "no":  # the task's held-out examples: task_eval, or a built-in task's test split
         source, split = (cfg.task_eval, "train") if cfg.task_eval else (cfg.data, "test")
-        inputs.eval_examples = load_sft_examples(source, tokenizer, cfg.max_length, split)[0]
+        inputs.eval_examples = load_sft_examples(source, tokenizer, cfg.max_length, split,
+                                                 cfg.prompt_completion_as_chat)[0]  # fmt: skip
     return inputs
 
 

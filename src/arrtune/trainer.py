@@ -486,7 +486,8 @@ def _tokenized(dataset: Any, tokenizer: Any, args: ARRConfig, name: str) -> Any:
     rows = []
     for i, row in enumerate(dataset):
         example = tokenize_row(dict(row), tokenizer, f"{name}[{i}]", args.assistant_only_loss,
-                               args.completion_only_loss, args.dataset_text_field)  # fmt: skip
+                               args.completion_only_loss, args.dataset_text_field,
+                               args.prompt_completion_as_chat)  # fmt: skip
         if len(example["input_ids"]) <= args.max_length:
             rows.append(example)
     if not rows:

@@ -190,9 +190,11 @@ def tokenize_messages(
 
 
 def load_sft_examples(
-    source: str, tokenizer: PreTrainedTokenizerBase, max_length: int, split: str = "train"
-) -> tuple[list[dict[str, list[int]]], SFTStats]:
-    """Load, convert and tokenize an SFT source; returns ``[{"input_ids", "labels"}]`` and statistics."""
+    source: str, tokenizer: PreTrainedTokenizerBase, max_length: int, split: str = "train",
+    strings_as_chat: bool = True,
+) -> tuple[list[dict[str, list[int]]], SFTStats]:  # fmt: skip
+    """Load, convert and tokenize an SFT source; returns ``[{"input_ids", "labels"}]`` and statistics.
+    ``strings_as_chat``: as :func:`tokenize_row`."""
     stats = SFTStats()
     examples = []
     for where, row in _read_rows(source, split):
@@ -203,7 +205,11 @@ def load_sft_examples(
             stats.dropped_lines.append(f"{where}: empty response")
             continue
         try:
-            ids, labels = tokenize_messages(tokenizer, messages)
+            if not strings_as_chat and isinstance(row.get("prompt"), str):
+                plain = _plain_prompt_completion(row["prompt"], row["completion"], tokenizer, None)
+                ids, labels = plain["input_ids"], plain["labels"]
+            else:
+                ids, labels = tokenize_messages(tokenizer, messages)
         except ArrtuneError:
             raise
         except Exception as exc:  # the chat template refused the turns, or the text cannot be encoded
@@ -231,12 +237,16 @@ def tokenize_row(
     assistant_only_loss: bool = True,
     completion_only_loss: bool | None = None,
     text_field: str = "text",
+    strings_as_chat: bool = True,
 ) -> dict[str, list[int]]:
     """One dataset row in any of TRL's formats as ``{"input_ids", "labels"}``: already tokenized
     (``input_ids``, optional ``labels``), language modelling (``text_field``: loss on every token),
     conversational ``messages`` (loss on the assistant turns with ``assistant_only_loss``, else on every
-    token), ``prompt``/``completion`` as strings or as lists of messages, or ``instruction``/``output``
-    (both through the chat template; loss on the completion unless ``completion_only_loss`` is False)."""  # fmt: skip
+    token), ``prompt``/``completion`` as lists of messages (through the chat template) or as strings, or
+    ``instruction``/``output``; loss on the completion unless ``completion_only_loss`` is False. String
+    prompts and completions go through the chat template as a user and an assistant turn when
+    ``strings_as_chat``, else they are plain text as TRL's standard format has them (prompt + completion +
+    EOS, the completion starting where the tokenized prompt stops being a prefix)."""  # fmt: skip
     if "input_ids" in row:
         ids = list(row["input_ids"])
         return {"input_ids": ids, "labels": list(row.get("labels") or ids)}
@@ -248,6 +258,8 @@ def tokenize_row(
         if tokenizer.eos_token_id is not None:
             ids = [*ids, tokenizer.eos_token_id]
         return {"input_ids": ids, "labels": list(ids)}
+    if not strings_as_chat and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+        return _plain_prompt_completion(row["prompt"], row["completion"], tokenizer, completion_only_loss)
     if isinstance(row.get("prompt"), list) or isinstance(row.get("completion"), list):  # conversational
         prompt, completion = row.get("prompt") or [], row.get("completion") or []
         messages = to_messages({"messages": [*prompt, *completion]}, where)
@@ -257,6 +269,24 @@ def tokenize_row(
         every_token = (not assistant_only_loss) if "messages" in row else completion_only_loss is False
     ids, labels = tokenize_messages(tokenizer, messages)
     return {"input_ids": ids, "labels": list(ids) if every_token else labels}
+
+
+def _plain_prompt_completion(
+    prompt: str, completion: str, tokenizer: PreTrainedTokenizerBase, completion_only_loss: bool | None
+) -> dict[str, list[int]]:
+    """TRL's standard prompt/completion tokenization: prompt + completion (+ EOS unless it ends with it) as
+    plain text; the completion starts where the tokenized prompt and prompt + completion diverge."""
+    eos = tokenizer.eos_token
+    if eos and not completion.endswith(eos):
+        completion += eos
+    prompt_ids = tokenizer(text=prompt)["input_ids"]
+    ids = tokenizer(text=prompt + completion)["input_ids"]
+    n_prompt = next(
+        (i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids))
+    )
+    if completion_only_loss is False:
+        return {"input_ids": ids, "labels": list(ids)}
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * n_prompt + ids[n_prompt:]}
 
 
 def collate_sft(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
