@@ -6,6 +6,7 @@ import pytest
 
 pytest.importorskip("lm_eval.tasks.ifeval", reason="needs arrtune[ifeval]")
 
+from arrtune.errors import ArrtuneError  # noqa: E402
 from arrtune.evaluation.instructions import INSTRUCTIONS, InstructionPrompt, build_prompts, checkers, score  # noqa: E402
 
 
@@ -77,3 +78,33 @@ def test_behaviour_not_protected_is_said_in_one_sentence() -> None:
         "delta": {"ifeval/prompt_strict": -0.10, "ifeval/prompt_strict_stderr": 0.039},
     }
     assert "-10.0 ± 3.9 points" in behaviour_note(forgetting)
+
+
+def test_ifeval_format_data_is_read_and_scored(tmp_path) -> None:
+    """A local file in google/IFEval's format (its kwargs carry every key, None where unused) reads into
+    prompts that IFEval's checkers score: a compliant answer passes, a broken one fails."""
+    import json
+
+    from arrtune.evaluation.instructions import instruction_prompts, score
+
+    unused = {"num_highlights": None, "relation": None, "num_words": None, "keywords": None}
+    rows = [
+        {"key": 1000, "prompt": "Describe the sea in all lowercase letters.",
+         "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [unused]},
+        {"key": 1001, "prompt": "Name a fruit. Do not use any commas. Include the keyword banana.",
+         "instruction_id_list": ["punctuation:no_comma", "keywords:existence"],
+         "kwargs": [unused, {**unused, "keywords": ["banana"]}]},
+    ]  # fmt: skip
+    path = tmp_path / "ifeval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = instruction_prompts(str(path), 5)
+    assert [p.key for p in prompts] == [1000, 1001] and prompts[1].kwargs[1] == {"keywords": ["banana"]}
+    assert prompts[0].prompt == rows[0]["prompt"]
+    good = score(prompts, ["the sea is wide and blue", "i like a banana a lot"])
+    bad = score(prompts, ["The Sea is wide", "i like apples, pears"])
+    assert good.prompt_strict == [1, 1] and good.instruction_strict == [1, 1, 1]
+    assert bad.prompt_strict == [0, 0] and bad.instruction_strict == [0, 0, 0]
+    with pytest.raises(ArrtuneError, match="no column instruction_id_list"):
+        bad_path = tmp_path / "other.jsonl"
+        bad_path.write_text(json.dumps({"prompt": "x", "kwargs": []}) + "\n")
+        instruction_prompts(str(bad_path), 5)

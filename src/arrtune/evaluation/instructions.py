@@ -21,6 +21,7 @@ import math
 import random
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from arrtune.errors import ArrtuneError
@@ -130,6 +131,46 @@ def _prompt(
         kwargs.append(dict(checker.get_instruction_args() or {}))
     prompt = " ".join([question, *descriptions])
     return InstructionPrompt(key, question, prompt, tuple(chosen), tuple(kwargs))
+
+
+#: columns of IFEval's own data (``google/IFEval``)
+IFEVAL_COLUMNS = ("prompt", "instruction_id_list", "kwargs")
+
+
+def instruction_prompts(source: str, n: int, seed: int = 0) -> list[InstructionPrompt]:
+    """The prompts an evaluation scores: ``builtin`` = :func:`build_prompts`; otherwise IFEval's own data, the
+    first ``n`` rows of ``google/IFEval`` (or another Hub dataset id) or of a local ``.jsonl`` / ``.parquet``
+    file with its columns (``key``, ``prompt``, ``instruction_id_list``, ``kwargs``), read by ``datasets``.
+    IFEval's own prompts use every instruction, some with answers of hundreds of words: evaluate them with
+    ``instruction_tokens`` of about 1280, as lm-evaluation-harness does."""
+    if source == "builtin":
+        return build_prompts(n, seed)
+    if n <= 0:
+        return []
+    from datasets import load_dataset
+
+    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(Path(source).suffix)
+    try:
+        if kind:
+            data = load_dataset(kind, data_files=source, split="train")
+        else:
+            data = load_dataset(source, split="train")
+    except FileNotFoundError as exc:
+        raise ArrtuneError(f"instruction_prompts={source!r}: not found ({exc})") from None
+    except Exception as exc:  # unreachable Hub, unreadable file
+        raise ArrtuneError(
+            f"instruction_prompts={source!r}: cannot be read ({type(exc).__name__}: {exc})"
+        ) from None
+    missing = [c for c in IFEVAL_COLUMNS if c not in data.column_names]
+    if missing:
+        raise ArrtuneError(f"instruction_prompts={source!r}: no column {', '.join(missing)} "
+                           f"(IFEval's columns: key, {', '.join(IFEVAL_COLUMNS)})")  # fmt: skip
+    prompts = []
+    for i, row in enumerate(data.select(range(min(n, len(data))))):
+        kwargs = tuple({k: v for k, v in (kw or {}).items() if v is not None} for kw in row["kwargs"])
+        prompts.append(InstructionPrompt(int(row.get("key", i)), row["prompt"], row["prompt"],
+                                         tuple(row["instruction_id_list"]), kwargs))  # fmt: skip
+    return prompts
 
 
 @dataclass
