@@ -252,7 +252,7 @@ def _assert_same_result(got, want, where="result"):
 
 
 def test_pair_with_cached_base_result_equals_uncached(tiny_model_dir, tmp_path, monkeypatch):
-    from arrtune.evaluation import runner
+    from arrtune.evaluation import measurements
 
     tok = load_tokenizer(str(tiny_model_dir))
     cfg = EvalConfig(**TINY_CFG)
@@ -278,13 +278,13 @@ def test_pair_with_cached_base_result_equals_uncached(tiny_model_dir, tmp_path, 
 
     calls = {"score_items": 0, "answer": 0}
     for name in calls:
-        original = getattr(runner, name)
+        original = getattr(measurements, name)
 
         def counted(*args, _name=name, _original=original, **kwargs):
             calls[_name] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(runner, name, counted)
+        monkeypatch.setattr(measurements, name, counted)
     uncached = evaluate_model_pair(pm, tok, cfg, progress=False)
     assert calls == {"score_items": 4, "answer": 4}  # 2 benchmarks x 2 models; task + questions x 2 models
     assert uncached["adapted"]["drift/wiki"] > 1e-6

@@ -198,7 +198,7 @@ def test_lora_scale_goes_back_up_to_the_trained_update(tiny_model_dir: Path, run
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from arrtune.export import LoraScale
+    from arrtune.evaluation.scale import LoraScale
 
     model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir / "adapter"
@@ -226,7 +226,7 @@ def test_scale_auto_reuses_the_runs_drift_when_it_keeps_the_full_adapter(
     from transformers import AutoModelForCausalLM
 
     from arrtune.evaluation import EvalConfig, resolve_from_run
-    from arrtune.export import choose_scale
+    from arrtune.evaluation.scale import choose_scale
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     cfg = resolve_from_run(EvalConfig.from_dict({"n_task": 4, "max_text_tokens": 16}, "test"), config)

@@ -31,7 +31,8 @@ def test_arr_trains_a_few_steps_on_the_embedded_default(tmp_path) -> None:
     assert (run_dir / "adapter").stat().st_mode & 0o777 == 0o755
 
     # arrtune maps that id back to the built-in copy: eval follows the adapter without --model, offline
-    from arrtune.cli import adapter_base, main
+    from arrtune.cli import main
+    from arrtune.evaluation.run import adapter_base
 
     assert adapter_base(str(run_dir / "adapter")) == "smollm2-135m-instruct"
     small = ["benchmarks=[]", "n_text=1", "max_text_tokens=16", "n_questions=2", "max_new_tokens=4", "n_task=2",

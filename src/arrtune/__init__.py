@@ -18,12 +18,12 @@ _WHERE = {
     "ARRConfig": "arrtune.config",
     "ARRTrainer": "arrtune.trainer",
     "arr_loss": "arrtune.losses",
-    "evaluate": "arrtune.evaluation.runner",
+    "evaluate": "arrtune.evaluation.run",
 }
 
 if TYPE_CHECKING:
     from arrtune.config import ARRConfig
-    from arrtune.evaluation.runner import evaluate
+    from arrtune.evaluation.run import evaluate
     from arrtune.losses import arr_loss
     from arrtune.trainer import ARRTrainer
 

@@ -32,16 +32,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from arrtune.config import parse_override, read_yaml_mapping
-    from arrtune.evaluation import (
-        EvalConfig,
-        check_eval_inputs,
-        evaluate_model_pair,
-        evaluate_single,
-        format_table,
-        resolve_from_run,
-        write_eval_json,
-    )
-    from arrtune.models import load_model, load_tokenizer
+    from arrtune.evaluation import EvalConfig, check_eval_inputs, evaluate_run, format_table, resolve_from_run
+    from arrtune.evaluation.run import adapter_base
 
     data = read_yaml_mapping(args.config, "eval config", "a mapping of eval settings") if args.config else {}
     for item in args.overrides:
@@ -73,44 +65,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             "load_in_4bit: true (the run trained on a 4-bit base; load_in_4bit=false to change)",
             file=sys.stderr,
         )
-    tokenizer = load_tokenizer(model_spec)
-    import torch
-
-    model = load_model(model_spec, dtype=getattr(torch, cfg.model_dtype), load_in_4bit=cfg.load_in_4bit)
-    if args.adapter:
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, adapter)
-        except RuntimeError as exc:  # size mismatch: the adapter belongs to another base model
-            raise ArrtuneError(
-                f"{adapter}: this adapter was trained on '{adapter_base(args.adapter)}', whose shapes differ "
-                f"from '{model_spec}'; omit --model to use the adapter's own base"
-            ) from exc
-        result = evaluate_model_pair(model, tokenizer, cfg, progress=not args.no_progress)
-    else:
-        result = evaluate_single(model, tokenizer, cfg, progress=not args.no_progress)
-    write_eval_json(result, output)
+    result = evaluate_run(model_spec, cfg, args.adapter, output, progress=not args.no_progress)
     print(format_table(result))
     print(f"\nwrote {output}")
     return 0
-
-
-def adapter_base(adapter: str) -> str:
-    """The base model an adapter directory names (``base_model_name_or_path`` in its adapter_config.json)."""
-    import json
-    from pathlib import Path
-
-    path = Path(adapter) / "adapter_config.json"
-    try:
-        base = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ArrtuneError(f"{path}: unreadable adapter config ({exc})") from exc
-    if not isinstance(base, str) or not base:
-        raise ArrtuneError(f"{path}: names no base model (base_model_name_or_path); pass --model")
-    from arrtune.models import builtin_alias
-
-    return builtin_alias(base) or base  # the upstream id of a built-in model: its built-in copy
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -196,7 +154,7 @@ def _eval_settings_help() -> str:
     import inspect
     import re
 
-    from arrtune.evaluation.runner import EvalConfig
+    from arrtune.evaluation import EvalConfig
 
     try:
         source = inspect.getsource(EvalConfig)

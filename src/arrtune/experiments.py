@@ -8,7 +8,7 @@ A grid file (YAML)::
     runs:                             # one entry per run; a list value sweeps that field
       - {method: sft}
       - {method: arr, kl_coef: [0.03, 0.1], kl_on: [replay, both]}
-    eval:                             # EvalConfig fields (see arrtune.evaluation.runner)
+    eval:                             # EvalConfig fields (see arrtune.evaluation.config)
       n_per_benchmark: 100
     seeds: [0, 1, 2]                  # optional: every run once per seed (named <run>-seed=<s>)
 
@@ -31,13 +31,16 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from arrtune.config import TrainConfig, _check_key, _coerce, build_config, dump_yaml_atomic, read_yaml_mapping
 from arrtune.errors import ArrtuneError
 from arrtune.rundir import config_diff
+
+if TYPE_CHECKING:
+    from arrtune.evaluation import EvalConfig
 
 
 @dataclass
@@ -223,20 +226,8 @@ def run_grid(grid: GridConfig, progress: bool = True, debug: bool = False) -> Pa
 
 
 def _run_grid(grid: GridConfig, progress: bool, debug: bool) -> Path:
-    import torch
-    from peft import PeftModel
-
-    from arrtune.evaluation import (
-        EvalConfig,
-        check_eval_inputs,
-        evaluate_model_pair,
-        evaluate_single,
-        resolve_from_run,
-        task_of_run,
-        write_eval_json,
-    )
+    from arrtune.evaluation import EvalConfig, check_eval_inputs, resolve_from_run, task_of_run
     from arrtune.locks import hold_lock
-    from arrtune.models import load_model, load_tokenizer
     from arrtune.recipe import check_inputs
     from arrtune.report import write_report
     from arrtune.rundir import LOCK_NAME
@@ -271,21 +262,25 @@ def _run_grid(grid: GridConfig, progress: bool, debug: bool) -> Path:
         print(f"[compare] {spec.name}: training")
         _train_in_subprocess(spec, debug, progress)
 
+    _evaluate_grid(specs, out, eval_cfg, progress)
+    write_report(out, [s.name for s in specs])
+    return out
+
+
+def _evaluate_grid(specs: list[RunSpec], out: Path, eval_cfg: EvalConfig, progress: bool) -> None:
+    """Evaluate the base model once (``base_eval.json``, kept while it holds these eval settings), then every
+    run against it that has no ``eval.json`` with these settings."""
+    from arrtune.evaluation import evaluate_run
+    from arrtune.models import load_tokenizer
+
     model_spec = specs[0].config.model
     tokenizer = load_tokenizer(model_spec)
-
-    def load_base() -> Any:
-        return load_model(
-            model_spec, dtype=getattr(torch, eval_cfg.model_dtype), load_in_4bit=eval_cfg.load_in_4bit
-        )
-
     base_path = out / "base_eval.json"
     base_result = json.loads(base_path.read_text()) if base_path.is_file() else None
     wanted = json.loads(json.dumps(asdict(eval_cfg)))
     if base_result is None or base_result.get("config") != wanted or "base_cache" not in base_result:
         print("[compare] base model: evaluating")
-        base_result = evaluate_single(load_base(), tokenizer, eval_cfg, progress=progress)
-        write_eval_json(base_result, base_path)
+        evaluate_run(model_spec, eval_cfg, output=base_path, tokenizer=tokenizer, progress=progress)
         base_result = json.loads(base_path.read_text())
     base_hidden: dict[tuple, list] = {}  # the base's hidden states on the held-out text, shared by the runs
     for spec in specs:
@@ -293,10 +288,5 @@ def _run_grid(grid: GridConfig, progress: bool, debug: bool) -> Path:
         if _is_finished(spec, wanted):
             continue
         print(f"[compare] {spec.name}: evaluating")
-        model = PeftModel.from_pretrained(load_base(), run_dir / "adapter")
-        result = evaluate_model_pair(
-            model, tokenizer, eval_cfg, progress=progress, base_result=base_result, base_hidden=base_hidden
-        )
-        write_eval_json(result, run_dir / "eval.json")
-    write_report(out, [s.name for s in specs])
-    return out
+        evaluate_run(model_spec, eval_cfg, run_dir / "adapter", run_dir / "eval.json", tokenizer=tokenizer,
+                     progress=progress, base_result=base_result, base_hidden=base_hidden)  # fmt: skip

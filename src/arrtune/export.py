@@ -6,9 +6,9 @@
 * **Adapter only** (``adapter_only=True``): the PEFT adapter, naming the upstream Hub id of a built-in base.
 * **Scale** ``s`` in [0, 1] multiplies the LoRA update by ``s`` (its ``B`` matrices; exact, since the update
   is ``B A``): interpolating between the base (0) and the fine-tune (1), as WiSE-FT does for full weights.
-  ``scale="auto"`` (:func:`choose_scale`) keeps the smallest s in {0.25, 0.5, 0.75, 1} whose held-out task
-  exact match (teacher-forced greedy, one forward pass per item) is within one paired standard error of s = 1's:
-  the least movement that keeps what the fine-tune learned; it reports the drift on held-out text at that s.
+  ``scale="auto"`` (:func:`arrtune.evaluation.scale.choose_scale`) keeps the smallest s in {0.25, 0.5, 0.75, 1}
+  whose held-out task exact match (teacher-forced greedy, one forward pass per item) is within one paired
+  standard error of s = 1's: the least movement that keeps what the fine-tune learned; it reports the drift on held-out text at that s.
 * **Model card** (``README.md`` with YAML front matter): the run's settings, its before/after table from
   ``eval.json`` (retention, plasticity, drift, leak, bleed, with standard errors; a run without one is
   evaluated first, with the default eval settings, unless ``evaluate=False``), two answers to general
@@ -21,14 +21,13 @@ interrupted export leaves nothing half-written.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -36,119 +35,26 @@ import yaml
 from arrtune.errors import ArrtuneError
 from arrtune.lm import is_hub_id
 
+if TYPE_CHECKING:
+    from arrtune.evaluation import EvalConfig
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-#: the LoRA scales ``scale="auto"`` measures, largest first
-AUTO_SCALES = (1.0, 0.75, 0.5, 0.25)
-#: held-out text passages per set for the drift column of ``scale="auto"`` (the task uses the eval default)
-AUTO_TEXT_PASSAGES = 10
 #: the run's own drift measures that --scale auto reuses for the full adapter
 DRIFT_KEYS = ("drift/wiki", "drift/books")
-
-
-def _lora_b_matrices(peft_model: Any) -> dict[str, torch.nn.Parameter]:
-    return {
-        name: p for name, p in peft_model.named_parameters() if "lora_B" in name or "lora_embedding_B" in name
-    }
 
 
 def scale_lora(peft_model: Any, scale: float) -> int:
     """Multiply every LoRA ``B`` matrix of ``peft_model`` by ``scale`` (the update ``B A`` by ``scale``);
     returns the number of matrices scaled."""
+    from arrtune.evaluation.scale import lora_b_matrices
+
     if not 0 <= scale <= 1:
         raise ArrtuneError(f"--scale {scale}: must be in [0, 1]")
-    matrices = _lora_b_matrices(peft_model)
+    matrices = lora_b_matrices(peft_model)
     with torch.no_grad():
         for param in matrices.values():
             param.mul_(scale)
     return len(matrices)
-
-
-class LoraScale:
-    """Set the LoRA update of ``peft_model`` to ``s`` times the trained one, for any sequence of ``s`` (each
-    from the trained ``B`` matrices kept at construction, so scales neither compound nor drift)."""
-
-    def __init__(self, peft_model: Any) -> None:
-        self.matrices = _lora_b_matrices(peft_model)
-        self.trained = {name: p.detach().clone() for name, p in self.matrices.items()}
-
-    def set(self, scale: float) -> None:
-        with torch.no_grad():
-            for name, param in self.matrices.items():
-                param.copy_(self.trained[name] * scale)
-
-
-def choose_scale(peft_model: Any, tokenizer: Any, eval_cfg: Any, scales: tuple[float, ...] = AUTO_SCALES,
-                 full_drift: dict[str, float] | None = None,
-                 progress: bool = False) -> tuple[float, list[dict[str, float]]]:  # fmt: skip
-    """Choose the LoRA scale: going down from the full adapter, the smallest scale before the first whose task
-    exact match falls below the full adapter's by more than one paired standard error. Returns the chosen scale
-    and one row per measured scale; leaves the adapter at that scale.
-
-    Exact match here is teacher-forced greedy: the reference response, up to its end-of-turn token, is the
-    model's most likely next token at every position, i.e. greedy decoding would write it token for token (one
-    forward pass per item instead of a generation). Scales are measured from the largest down and the search
-    stops at the first that fails: the usual outcome, a task that needs the full adapter, costs two passes.
-    Each row: ``scale``, ``n`` items, exact match and its standard error, the difference from the full adapter with its
-    paired standard error (same items); the rows of the chosen and the full adapter also carry the drift
-    (token KL base || adapted) on held-out text. ``full_drift``: the full adapter's drift from the run's own
-    evaluation, used instead of measuring it when the full adapter is kept. Needs the run's held-out task
-    (``eval_cfg.task`` resolved)."""
-    from arrtune.evaluation._common import binomial_stderr, paired_stderr
-    from arrtune.evaluation.runner import load_task, text_sets
-    from arrtune.evaluation.text import score_sequences, text_metrics
-    from arrtune.generation import eos_token_ids
-    from arrtune.lm import adapter_disabled
-
-    if not eval_cfg.task:
-        raise ArrtuneError(
-            "--scale auto: the run has no held-out task to measure (set task_eval in its config)"
-        )
-    cfg = replace(eval_cfg, n_text=AUTO_TEXT_PASSAGES)
-    examples, _ = load_task(cfg, tokenizer)
-    if not examples:
-        raise ArrtuneError("--scale auto: no held-out task examples to measure (n_task must be > 0)")
-    stop = set(eos_token_ids(peft_model, tokenizer))
-    # each reference answer up to and including its first end-of-turn token: where greedy decoding stops
-    answers = [e.response_ids[: next((k + 1 for k, t in enumerate(e.response_ids) if t in stop),
-                                     len(e.response_ids))] for e in examples]  # fmt: skip
-    sequences = [e.prompt_ids + a for e, a in zip(examples, answers)]
-    starts = [len(e.prompt_ids) for e in examples]
-    lora_scale = LoraScale(peft_model)
-
-    def exact_match(scale: float) -> list[int]:
-        lora_scale.set(scale)
-        stats = score_sequences(peft_model, tokenizer, sequences, starts, cfg.batch_size, kl=False,
-                                progress=progress, desc=f"scale {scale:g}/task")  # fmt: skip
-        return [int(m == 0) for m in stats.argmax_misses or []]
-
-    def row(scale: float, correct: list[int], full: list[int]) -> dict[str, float]:
-        em, full_em = sum(correct) / len(correct), sum(full) / len(full)
-        return {"scale": scale, "n": len(correct), "task_em": em, "task_em_se": binomial_stderr(em, len(correct)),
-                "em_vs_full": em - full_em, "em_vs_full_se": paired_stderr(full, correct)}  # fmt: skip
-
-    full_scale = max(scales)
-    full = exact_match(full_scale)
-    rows = {full_scale: row(full_scale, full, full)}
-    chosen = full_scale
-    for s in sorted((x for x in scales if x != full_scale), reverse=True):
-        rows[s] = row(s, exact_match(s), full)
-        se = 0.0 if math.isnan(rows[s]["em_vs_full_se"]) else rows[s]["em_vs_full_se"]
-        if rows[s]["em_vs_full"] < -se:
-            break
-        chosen = s
-    if chosen == full_scale and full_drift:
-        rows[full_scale].update(full_drift)
-    else:
-        passages_by_set = text_sets(cfg)
-        for s in sorted({chosen, full_scale}):
-            lora_scale.set(s)
-            for name, passages in passages_by_set.items():
-                rows[s][f"drift/{name}"] = text_metrics(
-                    peft_model, tokenizer, passages, cfg.max_text_tokens, cfg.batch_size,
-                    lambda: adapter_disabled(peft_model), progress, desc=f"scale {s:g}/{name}",
-                ).drift  # fmt: skip
-    lora_scale.set(chosen)
-    return chosen, [rows[s] for s in sorted(rows)]
 
 
 def format_scale_table(rows: list[dict[str, float]], chosen: float) -> str:
@@ -223,6 +129,43 @@ def model_card(config: dict[str, Any], evaluation: dict[str, Any] | None, scale:
     return "\n".join(lines) + "\n"
 
 
+def _eval_config(run: Path, config: dict[str, Any], evaluation: dict[str, Any] | None,
+                 eval_settings: dict[str, Any] | None) -> EvalConfig:  # fmt: skip
+    """The EvalConfig of an export's evaluation and ``--scale auto``: ``eval_settings``, else the run's own
+    evaluation settings; resolved from the run's config, on the full-precision base (what is exported)."""
+    from arrtune.evaluation import EvalConfig, resolve_from_run
+
+    if not eval_settings and evaluation is not None and isinstance(evaluation.get("config"), dict):
+        # no settings given: the run's own evaluation settings
+        eval_cfg = EvalConfig.from_dict(evaluation["config"], f"{run / 'eval.json'}: config")
+    else:
+        eval_cfg = EvalConfig.from_dict(eval_settings or {}, "eval setting")
+    # the model exported (and evaluated here) is the adapter merged into the full-precision base
+    return resolve_from_run(replace(eval_cfg, load_in_4bit=False), config)
+
+
+def _set_scale(model: Any, tokenizer: Any, scale: float | str, eval_cfg: EvalConfig,
+               evaluation: dict[str, Any] | None, progress: bool) -> tuple[float, str | None]:  # fmt: skip
+    """Scale the LoRA update of ``model`` by ``scale``, or for ``"auto"`` by the one that
+    :func:`arrtune.evaluation.scale.choose_scale` chooses (printed with its table). Returns the scale and that
+    table (None when the scale was given)."""
+    from arrtune.evaluation.scale import choose_scale
+
+    if scale != "auto":
+        scale_lora(model, float(scale))
+        return float(scale), None
+    started = time.perf_counter()
+    drift = {k: v for k, v in ((evaluation or {}).get("adapted") or {}).items() if k in DRIFT_KEYS}
+    scale, rows = choose_scale(model, tokenizer, eval_cfg, full_drift=drift, progress=progress)
+    scale_table = format_scale_table(rows, scale)
+    print(scale_table)
+    print(
+        f"[export] scale {scale:g} chosen ({len(rows)} scales measured on {rows[0]['n']} held-out task items"
+        f" in {time.perf_counter() - started:.1f} s)"
+    )
+    return scale, scale_table
+
+
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, adapter_only: bool = False,
                dtype: str = "auto", scale: float | str = 1.0, evaluate: bool = True,
                eval_settings: dict[str, Any] | None = None, progress: bool = True) -> Path:  # fmt: skip
@@ -231,7 +174,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, adapter_only:
     ``eval_settings``: :class:`arrtune.evaluation.EvalConfig` fields for that evaluation and for ``auto``."""
     from peft import PeftModel
 
-    from arrtune.evaluation import EvalConfig, evaluate_model_pair, resolve_from_run, write_eval_json
+    from arrtune.evaluation import evaluate_run
     from arrtune.models import load_model, load_tokenizer, name_base_model, shareable_base_id
 
     run, config, evaluation = read_run(run_dir)
@@ -242,13 +185,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, adapter_only:
         raise ArrtuneError(f"--dtype {dtype}: expected auto, {', '.join(DTYPES)}")
     if scale != "auto" and not (isinstance(scale, (int, float)) and 0 <= scale <= 1):
         raise ArrtuneError(f"--scale {scale}: must be in [0, 1] or auto")
-    if not eval_settings and evaluation is not None and isinstance(evaluation.get("config"), dict):
-        # no settings given: the run's own evaluation settings
-        eval_cfg = EvalConfig.from_dict(evaluation["config"], f"{run / 'eval.json'}: config")
-    else:
-        eval_cfg = EvalConfig.from_dict(eval_settings or {}, "eval setting")
-    # the model exported (and evaluated here) is the adapter merged into the full-precision base
-    eval_cfg = resolve_from_run(replace(eval_cfg, load_in_4bit=False), config)
+    eval_cfg = _eval_config(run, config, evaluation, eval_settings)
     if scale == "auto" and not eval_cfg.task:
         raise ArrtuneError(
             f"--scale auto: {run} has no held-out task to measure (set task_eval in its config)"
@@ -260,22 +197,9 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, adapter_only:
     model = PeftModel.from_pretrained(base, run / "adapter")
     if evaluation is None and evaluate:
         print(f"[export] {run}: no eval.json; evaluating it first (--no-eval skips this)")
-        evaluation = evaluate_model_pair(model, tokenizer, eval_cfg, progress=progress)
-        write_eval_json(evaluation, run / "eval.json")
+        evaluate_run(model, eval_cfg, output=run / "eval.json", tokenizer=tokenizer, progress=progress)
         evaluation = json.loads((run / "eval.json").read_text())
-    scale_table = None
-    if scale == "auto":
-        started = time.perf_counter()
-        drift = {k: v for k, v in ((evaluation or {}).get("adapted") or {}).items() if k in DRIFT_KEYS}
-        scale, rows = choose_scale(model, tokenizer, eval_cfg, full_drift=drift, progress=progress)
-        scale_table = format_scale_table(rows, scale)
-        print(scale_table)
-        print(
-            f"[export] scale {scale:g} chosen ({len(rows)} scales measured on {rows[0]['n']} held-out task items"
-            f" in {time.perf_counter() - started:.1f} s)"
-        )
-    else:
-        scale_lora(model, float(scale))
+    scale, scale_table = _set_scale(model, tokenizer, scale, eval_cfg, evaluation, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(staging, 0o755)
@@ -291,7 +215,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, adapter_only:
             merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (staging / "README.md").write_text(
-            model_card(config, evaluation, float(scale), not adapter_only, base_id, scale_table)
+            model_card(config, evaluation, scale, not adapter_only, base_id, scale_table)
         )
         if out.exists():
             out.rmdir()
