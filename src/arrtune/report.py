@@ -363,7 +363,7 @@ def plot_loss_curves(compare_dir: Path, names: Sequence[str], path: Path) -> Non
 def write_report(compare_dir: str | os.PathLike, names: Sequence[str]) -> Path:
     """Write report.md, results.csv, results.json and the two plots into ``compare_dir``; a run whose
     behaviour is not protected gets one sentence under the tables (:func:`behaviour_note`)."""
-    from arrtune.evaluation.runner import behaviour_note
+    from arrtune.evaluation import behaviour_note
 
     root = Path(compare_dir)
     rows = collect_rows(root, names)

@@ -281,7 +281,7 @@ def build_replay(args: Any, tokenizer: Any, examples: list[dict[str, Any]], mode
                  model_key: str | None = None) -> tuple[ReplayStream | MixedReplay | None, dict[str, Any]]:  # fmt: skip
     """The replay stream an :class:`arrtune.ARRConfig` asks for (None when ``replay_ratio`` is 0), sharded for
     this rank of accelerate's ``state``, and the self-replay generation record (empty without self-replay):
-    the ``replay`` corpus, the model's own answers (:func:`arrtune.data.self_replay.self_replay_stream`), or
+    the ``replay`` corpus, the model's own answers (:func:`arrtune.data.self_replay.self_replay_documents`), or
     both packed by ``replay_mix``. ``corpus`` and ``prompts``, when given, are the corpus stream and the
     self-replay prompts already loaded; ``examples`` are the tokenized SFT rows."""
     if args.resolved_replay_ratio() <= 0:
@@ -293,8 +293,10 @@ def build_replay(args: Any, tokenizer: Any, examples: list[dict[str, Any]], mode
                               hf_split=args.replay_split)  # fmt: skip
     if share <= 0:
         return corpus, {}
-    from arrtune.data.self_replay import load_prompts, self_replay_stream
+    from arrtune.data.self_replay import load_prompts, self_replay_documents
 
     prompts = prompts if prompts is not None else load_prompts(args.replay_prompts)
-    own, info = self_replay_stream(args, model, tokenizer, prompts, examples, state, model_key)
+    docs, info = self_replay_documents(args, model, tokenizer, prompts, examples, state, model_key)
+    own = ReplayStream("self", tokenizer, rank=state.process_index, world_size=state.num_processes, seed=args.seed,
+                       documents=docs)  # fmt: skip
     return (own if share >= 1 else MixedReplay(own, corpus, share)), info

@@ -208,15 +208,15 @@ def check_chat_template(args: Any, tokenizer: Any) -> None:
         )
 
 
-def self_replay_stream(args: Any, model: Any, tokenizer: Any, prompts: list[str], examples: list[dict[str, Any]],
-                       state: Any, model_key: str | None = None) -> tuple[Any, dict[str, Any]]:  # fmt: skip
-    """The model's answers to ``prompts`` as a replay stream, and the generation record (answers, tokens,
-    seconds, cache file). ``args`` is an :class:`arrtune.ARRConfig` (its steps, batch size, replay ratio and
+def self_replay_documents(args: Any, model: Any, tokenizer: Any, prompts: list[str],
+                          examples: list[dict[str, Any]], state: Any,
+                          model_key: str | None = None) -> tuple[list[tuple[list[int], list[int]]], dict[str, Any]]:  # fmt: skip
+    """The model's answers to ``prompts`` as replay documents (:func:`conversations`), and the generation
+    record (answers, tokens, seconds, cache file). ``args`` is an :class:`arrtune.ARRConfig` (its steps, batch size, replay ratio and
     mix size the set; its ``replay_*`` generation settings); ``examples`` the tokenized SFT rows (their mean
     length sizes the set); ``state`` accelerate's ``PartialState`` (the main process generates first, the
     other ranks read its cache). The model answers with any PEFT adapter switched off: the initial model's
     answers. ``model_key`` names the model in the cache key (default: its ``name_or_path`` and size)."""
-    from arrtune.data.replay import ReplayStream
     from arrtune.lm import adapter_disabled
     from arrtune.models import cache_dir
 
@@ -242,6 +242,4 @@ def self_replay_stream(args: Any, model: Any, tokenizer: Any, prompts: list[str]
         raise ArrtuneError("replay: the base model gave no usable self-replay answers (all empty)")
     info = {"self_replay_answers": len(docs), "self_replay_tokens": sum(len(d[0]) for d in docs),
             "self_replay_generation_s": seconds, "self_replay_cache": str(path)}  # fmt: skip
-    stream = ReplayStream("self", tokenizer, rank=state.process_index, world_size=state.num_processes,
-                          seed=args.seed, documents=docs)  # fmt: skip
-    return stream, info
+    return docs, info
