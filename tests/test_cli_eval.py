@@ -49,3 +49,30 @@ def test_eval_help_lists_every_setting_with_its_default() -> None:
         assert f"\n  {f.name}=" in done.stdout, f.name
     for line in ("batch_size=16: ", "model_dtype='float32': ", "load_in_4bit='auto': "):
         assert line in done.stdout
+
+
+def test_eval_scores_instruction_following_from_ifeval_format_data(tiny_model_dir, tmp_path) -> None:
+    """n_instructions with instruction_prompts = a file in google/IFEval's format: eval.json carries IFEval's
+    four accuracies over those prompts; a file without IFEval's columns is one line, and nothing is written."""
+    import pytest
+
+    pytest.importorskip("lm_eval.tasks.ifeval", reason="needs arrtune[ifeval]")
+    rows = [{"key": 1, "prompt": "Say hi in lowercase.", "instruction_id_list": ["change_case:english_lowercase"],
+             "kwargs": [{}]},
+            {"key": 2, "prompt": "Name a fruit without commas.", "instruction_id_list": ["punctuation:no_comma"],
+             "kwargs": [{}]}]  # fmt: skip
+    data = tmp_path / "ifeval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "single.json"
+    args = ["benchmarks=[]", "n_text=0", "n_questions=0", "n_task=0", "n_instructions=5", "instruction_tokens=6",
+            f"instruction_prompts={data}", "--no-progress"]  # fmt: skip
+    done = run("eval", "--model", str(tiny_model_dir), "--output", str(out), *args)
+    assert done.returncode == 0, done.stderr
+    model = json.loads(out.read_text())["model"]
+    assert model["ifeval/n"] == 2
+    assert {"ifeval/prompt_strict", "ifeval/prompt_loose", "ifeval/instruction_strict"} <= set(model)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x"}) + "\n")
+    bad = run("eval", "--model", str(tiny_model_dir), "--output", str(tmp_path / "bad.json"),
+              *args[:-2], f"instruction_prompts={tmp_path / 'bad.jsonl'}", "--no-progress")  # fmt: skip
+    assert bad.returncode == 2 and not (tmp_path / "bad.json").exists()
+    assert bad.stderr.strip().count("\n") == 0 and "no column instruction_id_list, kwargs" in bad.stderr

@@ -52,6 +52,10 @@ class EvalConfig:
     n_instructions: int = 0
     #: maximum new tokens per instruction-following answer (every drawn instruction fits it); default 160
     instruction_tokens: int = 160
+    #: the instruction-following prompts: ``builtin`` (general questions with instructions drawn offline), or
+    #: IFEval's own data, ``google/IFEval`` (Hub) or a local ``.jsonl`` / ``.parquet`` file in its format (its
+    #: answers run long: set ``instruction_tokens`` to about 1280); default ``builtin``
+    instruction_prompts: str = "builtin"
     #: benchmark items / passages / prompts per forward pass (memory grows with it); default 16
     batch_size: int = 16
     #: seed of every subset; default 0
@@ -94,6 +98,11 @@ class EvalConfig:
             elif key in ("task", "task_train"):
                 if value is not None and not isinstance(value, str):
                     raise ArrtuneError(f"{where} must be a string or null")
+            elif key == "instruction_prompts":
+                if not isinstance(value, str) or not value.strip():
+                    raise ArrtuneError(
+                        f"{where} must be 'builtin', a Hub dataset id or a file, got {value!r}"
+                    )
             elif key == "model_dtype":
                 if value not in ("float32", "bfloat16", "float16"):
                     raise ArrtuneError(f"{where} must be float32, bfloat16 or float16, got {value!r}")
@@ -153,9 +162,14 @@ def check_eval_inputs(cfg: EvalConfig) -> None:
     for spec in cfg.benchmarks:
         load_benchmark(spec, cfg.n_per_benchmark, cfg.seed)
     if cfg.n_instructions > 0:
-        from arrtune.evaluation.instructions import build_prompts
+        from arrtune.evaluation.instructions import checkers, instruction_prompts
 
-        build_prompts(cfg.n_instructions, cfg.seed)  # the checkers are installed, the prompts can be built
+        prompts = instruction_prompts(
+            cfg.instruction_prompts, cfg.n_instructions, cfg.seed
+        )  # they can be read
+        if not prompts:
+            raise ArrtuneError(f"instruction_prompts={cfg.instruction_prompts!r}: no prompts")
+        checkers()  # the checkers are installed
     if cfg.task and cfg.task != "auto" and cfg.n_task > 0:
         if cfg.task.startswith("builtin:"):
             from arrtune.data.task import builtin_task

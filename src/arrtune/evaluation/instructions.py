@@ -147,20 +147,25 @@ def instruction_prompts(source: str, n: int, seed: int = 0) -> list[InstructionP
         return build_prompts(n, seed)
     if n <= 0:
         return []
-    from datasets import load_dataset
+    import datasets
 
     kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(Path(source).suffix)
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a file of a few hundred rows: no "Generating train split" bar
     try:
         if kind:
-            data = load_dataset(kind, data_files=source, split="train")
+            data = datasets.load_dataset(kind, data_files=source, split="train")
         else:
-            data = load_dataset(source, split="train")
+            data = datasets.load_dataset(source, split="train")
     except FileNotFoundError as exc:
         raise ArrtuneError(f"instruction_prompts={source!r}: not found ({exc})") from None
     except Exception as exc:  # unreachable Hub, unreadable file
         raise ArrtuneError(
             f"instruction_prompts={source!r}: cannot be read ({type(exc).__name__}: {exc})"
         ) from None
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
     missing = [c for c in IFEVAL_COLUMNS if c not in data.column_names]
     if missing:
         raise ArrtuneError(f"instruction_prompts={source!r}: no column {', '.join(missing)} "

@@ -278,10 +278,10 @@ class _Evaluation:
         cfg = self.cfg
         if cfg.n_instructions <= 0:
             return
-        from arrtune.evaluation.instructions import build_prompts, score
+        from arrtune.evaluation.instructions import instruction_prompts, score
 
         t0 = time.perf_counter()
-        prompts = build_prompts(cfg.n_instructions, cfg.seed)
+        prompts = instruction_prompts(cfg.instruction_prompts, cfg.n_instructions, cfg.seed)
         ids = [question_prompt_ids(self.tokenizer, p.prompt) for p in prompts]
         responses: dict[str, list[str]] = {}
         for c in self.columns:
