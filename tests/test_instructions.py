@@ -108,3 +108,20 @@ def test_ifeval_format_data_is_read_and_scored(tmp_path) -> None:
         bad_path = tmp_path / "other.jsonl"
         bad_path.write_text(json.dumps({"prompt": "x", "kwargs": []}) + "\n")
         instruction_prompts(str(bad_path), 5)
+
+
+def test_an_instruction_that_needs_missing_nltk_data_is_one_line() -> None:
+    """IFEval's own prompts include sentence counts, which need NLTK's punkt data: without it, one clear line."""
+    import nltk
+
+    try:
+        nltk.data.find("tokenizers/punkt_tab")
+        pytest.skip("punkt_tab is installed here")
+    except LookupError:
+        pass
+    prompt = InstructionPrompt(1, "x", "Write three sentences.", ("length_constraints:number_sentences",),
+                               ({"relation": "at least", "num_sentences": 3},))  # fmt: skip
+    with pytest.raises(
+        ArrtuneError, match="needs NLTK data that is not installed: python -m nltk.downloader"
+    ):
+        score([prompt], ["One. Two. Three."])

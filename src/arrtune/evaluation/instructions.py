@@ -205,8 +205,12 @@ def score(prompts: list[InstructionPrompt], responses: list[str]) -> Instruction
     scores = InstructionScores([], [], [], [])
     for p, response in zip(prompts, responses, strict=True):
         example = utils.InputExample(p.key, list(p.instruction_ids), p.prompt, [dict(k) for k in p.kwargs])
-        strict = utils.test_instruction_following_strict(example, response)
-        loose = utils.test_instruction_following_loose(example, response)
+        try:
+            strict = utils.test_instruction_following_strict(example, response)
+            loose = utils.test_instruction_following_loose(example, response)
+        except LookupError as exc:  # an instruction that counts sentences, without NLTK's punkt data
+            raise ArrtuneError(f"instruction following: {', '.join(p.instruction_ids)} needs NLTK data that is "
+                               "not installed: python -m nltk.downloader punkt_tab") from exc  # fmt: skip
         scores.prompt_strict.append(int(strict.follow_all_instructions))
         scores.prompt_loose.append(int(loose.follow_all_instructions))
         scores.instruction_strict.extend(int(x) for x in strict.follow_instruction_list)
