@@ -78,6 +78,17 @@ def test_behaviour_not_protected_is_said_in_one_sentence() -> None:
         "delta": {"ifeval/prompt_strict": -0.10, "ifeval/prompt_strict_stderr": 0.039},
     }
     assert "-10.0 ± 3.9 points" in behaviour_note(forgetting)
+    # the fix named depends on what the run did: corpus replay is told to mix in its own answers, a run that
+    # already does is told to replay more
+    corpus = {"method": "arr", "replay_ratio": 0.25, "replay": "builtin", "replay_mix": 0.0}
+    assert "`replay_mix: 0.5`" in behaviour_note(bleeding, corpus)
+    mixed = behaviour_note(bleeding, {**corpus, "replay_mix": 0.5})
+    assert (
+        "already replays" in mixed
+        and "`replay_ratio` above 0.25" in mixed
+        and "`replay_mix: 0.5`" not in mixed
+    )
+    assert "already replays" in behaviour_note(bleeding, {**corpus, "replay": "self"})
 
 
 def test_ifeval_format_data_is_read_and_scored(tmp_path) -> None:

@@ -112,7 +112,7 @@ def model_card(config: dict[str, Any], evaluation: dict[str, Any] | None, scale:
         if scale != 1:
             lines.append(f"Measured on the adapter as trained (scale 1), not on this scale ({scale:g}).\n")
         lines.append(format_table(evaluation).split("\n\nitems/s:")[0])
-        note = behaviour_note(evaluation)
+        note = behaviour_note(evaluation, config)
         if note:
             lines += ["", f"**{note}**"]
         examples = [e for e in evaluation.get("examples", [])][:2]

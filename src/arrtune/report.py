@@ -397,7 +397,13 @@ def write_report(compare_dir: str | os.PathLike, names: Sequence[str]) -> Path:
         )
     notes = []
     for name in names:
-        note = behaviour_note(_read_json(root / "runs" / name / "eval.json") or {})
+        run_dir = root / "runs" / name
+        config = (
+            yaml.safe_load((run_dir / "config.yaml").read_text())
+            if (run_dir / "config.yaml").is_file()
+            else None
+        )
+        note = behaviour_note(_read_json(run_dir / "eval.json") or {}, config)
         if note:
             notes.append(f"- **{name}**: {note}")
     md += [

@@ -28,10 +28,11 @@ def _fmt(key: str, value: Any, stderr: Any = None, signed: bool = False) -> str:
 BLEED_LIMIT = 0.05
 
 
-def behaviour_note(result: dict[str, Any]) -> str | None:
+def behaviour_note(result: dict[str, Any], run_config: dict[str, Any] | None = None) -> str | None:
     """One sentence when a pair evaluation shows behaviour not protected beyond noise (bleed over
     :data:`BLEED_LIMIT` by more than its standard error, or instruction following down by more than one paired
-    standard error), naming the setting that fixes it; None otherwise."""
+    standard error), naming the setting that fixes it (from the run's ``config.yaml`` mapping, when given:
+    a run that already replays its own answers is told to replay more); None otherwise."""
     adapted, delta = result.get("adapted") or {}, result.get("delta") or {}
     problems = []
     bleed, bleed_se = adapted.get("bleed"), adapted.get("bleed_stderr") or 0.0
@@ -43,8 +44,20 @@ def behaviour_note(result: dict[str, Any]) -> str | None:
                         "IFEval prompt strict)")  # fmt: skip
     if not problems:
         return None
-    return ("Behaviour not protected: " + " and ".join(problems) + "; replaying the base model's own answers "
-            "fixes this at almost no cost (`replay_mix: 0.5`, docs/study.md).")  # fmt: skip
+    config = run_config or {}
+    ratio = float(config.get("replay_ratio") or 0)
+    mix = 1.0 if config.get("replay") == "self" else float(config.get("replay_mix") or 0)
+    if ratio > 0 and mix >= 0.5:
+        fix = (
+            f"this run already replays the base model's own answers (replay_mix {mix:g}); more replay "
+            f"(`replay_ratio` above {ratio:g}) or `replay_mix: 1` protects behaviour further (docs/study.md)."
+        )
+    else:
+        fix = (
+            "replaying the base model's own answers fixes this at almost no cost (`method: arr` with "
+            "`replay_mix: 0.5`, docs/study.md)."
+        )
+    return "Behaviour not protected: " + " and ".join(problems) + "; " + fix
 
 
 def format_table(result: dict[str, Any]) -> str:
