@@ -206,7 +206,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from peft import LoraConfig, get_peft_model
 
-    from arrtune.config import build_config
+    from arrtune.config_files import build_config
     from arrtune.data.replay import ReplayStream
     from arrtune.data.sft import collate_sft, load_sft_examples
     from arrtune.trainer import ARRTrainer

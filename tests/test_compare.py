@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from arrtune.config import build_config
+from arrtune.config_files import build_config
 from arrtune.errors import ArrtuneError
 from arrtune.experiments import expand_runs, load_grid, run_grid
 from arrtune.report import pareto_front
@@ -197,7 +197,7 @@ def test_same_seed_same_threads_gives_the_same_run(precision: str, tiny_model_di
     run bit for bit (data order, LoRA init, replay stream, dropout), and another seed changes it."""
     from safetensors.torch import load_file
 
-    from arrtune.config import load_config
+    from arrtune.config_files import load_config
     from arrtune.recipe import train
 
     monkeypatch.setenv("ARRTUNE_CACHE", str(tmp_path / "cache"))

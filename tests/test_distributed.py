@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch.distributed
 
-from arrtune.config import load_config
+from arrtune.config_files import load_config
 from arrtune.data.replay import ReplayStream
 from arrtune.data.sft import tokenize_messages
 from arrtune.recipe import train

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from arrtune.budget import KLController
-from arrtune.config import load_config
+from arrtune.config_files import load_config
 from arrtune.errors import ArrtuneError
 from arrtune.recipe import train
 from arrtune.testing import copy_run

@@ -12,7 +12,7 @@ import pytest
 import torch
 from accelerate import PartialState
 
-from arrtune.config import load_config
+from arrtune.config_files import load_config
 from arrtune.lm import InitialModel, adapter_disabled, base_model
 from arrtune.models import load_model
 from arrtune.recipe import load_base_model, load_inputs, train

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from arrtune.config import load_config
+from arrtune.config_files import load_config
 from arrtune.recipe import train
 
 

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from arrtune.cli import main
-from arrtune.config import TrainConfig, load_config
+from arrtune.config import TrainConfig
+from arrtune.config_files import load_config
 from arrtune.data.replay import ReplayStream
 from arrtune.data.sft import load_sft_examples
 from arrtune.errors import ArrtuneError
@@ -573,7 +574,7 @@ def test_overwrite_with_a_bad_value_keeps_the_earlier_run(full_run: Path, tiny_m
 
 
 def test_yaml_with_a_byte_order_mark_and_duplicate_keys_in_nested_grid_mappings(tmp_path: Path) -> None:
-    from arrtune.config import read_yaml_mapping
+    from arrtune.config_files import read_yaml_mapping
 
     (tmp_path / "bom.yaml").write_bytes(b"\xef\xbb\xbfmax_steps: 3\n")
     assert load_config(tmp_path / "bom.yaml").max_steps == 3

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from arrtune.config import load_config
+from arrtune.config_files import load_config
 from arrtune.data.replay import MixedReplay, ReplayStream
 from arrtune.data.self_replay import load_prompts
 from arrtune.errors import ArrtuneError

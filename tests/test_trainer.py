@@ -18,7 +18,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from arrtune.config import TrainConfig, build_config, load_config
+from arrtune.config import TrainConfig
+from arrtune.config_files import build_config, load_config
 from arrtune.data.replay import ReplayStream
 from arrtune.data.sft import collate_sft, load_sft_examples
 from arrtune.errors import ArrtuneError

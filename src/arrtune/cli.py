@@ -16,7 +16,7 @@ from arrtune.errors import ArrtuneError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from arrtune.config import load_config
+    from arrtune.config_files import load_config
     from arrtune.recipe import train
 
     cfg = load_config(args.config, args.overrides)
@@ -31,7 +31,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from arrtune.config import parse_override, read_yaml_mapping
+    from arrtune.config_files import parse_override, read_yaml_mapping
     from arrtune.evaluation import EvalConfig, check_eval_inputs, evaluate_run, format_table, resolve_from_run
     from arrtune.evaluation.run import adapter_base
 
@@ -131,7 +131,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from arrtune.config import parse_override
+    from arrtune.config_files import parse_override
     from arrtune.export import export_run
 
     settings = dict(parse_override(item) for item in args.overrides)

@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from arrtune.config import TrainConfig, _check_key, _coerce, build_config, dump_yaml_atomic, read_yaml_mapping
+from arrtune.config import TrainConfig
+from arrtune.config_files import _check_key, _coerce, build_config, dump_yaml_atomic, read_yaml_mapping
 from arrtune.errors import ArrtuneError
 from arrtune.rundir import config_diff
 
@@ -144,7 +145,7 @@ def load_grid(path: str | os.PathLike | None, overrides: list[str] | tuple[str, 
             raise ArrtuneError(f"{p}: 'runs' must be a list of mappings")
     grid = GridConfig(**data)
     grid.base, grid.eval = dict(grid.base or {}), dict(grid.eval or {})
-    from arrtune.config import parse_override
+    from arrtune.config_files import parse_override
 
     for item in overrides:
         key, value = parse_override(item)

@@ -108,7 +108,7 @@ def plan(cfg: TrainConfig, overwrite: bool, state: Any) -> RunPlan:
 def training_arguments(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     """What the Trainer receives: the config itself, with its checkpoints in ``run_dir/checkpoints`` (built
     before anything is read or written, so that a value transformers refuses fails first, as one line)."""
-    from arrtune.config import build_config
+    from arrtune.config_files import build_config
 
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
     values["output_dir"] = str(run_dir / "checkpoints")

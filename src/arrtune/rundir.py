@@ -198,7 +198,7 @@ def start_run(plan: RunPlan, cfg: TrainConfig) -> None:
         elif target.exists():
             target.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
-    from arrtune.config import dump_yaml_atomic
+    from arrtune.config_files import dump_yaml_atomic
 
     dump_yaml_atomic(cfg.resolved().to_dict(), run_dir / "config.yaml")
 
