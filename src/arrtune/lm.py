@@ -3,7 +3,7 @@
 * :func:`base_model` unwraps PEFT; :func:`adapter_disabled` runs the network as the initial model;
 * :func:`output_head` is the output layer as ``hidden -> logits``, with final-logit soft-capping (Gemma);
 * :class:`InitialModel` gives the initial model's final hidden states and head (adapter off, no gradient, no
-  dropout): the KL's reference;
+  dropout): the KL's reference; :func:`check_reference` refuses a model whose adapter-off network is not it;
 * :class:`LMParts` runs a model as decoder, then head, so evaluation applies the head only where it needs
   log-probabilities;
 * :func:`chat_template_ids` is the chat template as token ids (training and evaluation tokenize alike).
@@ -123,6 +123,31 @@ class InitialModel:
                 return head(hidden)
 
         return apply
+
+
+#: PEFT initialisations that rewrite the base weights (W becomes W - BA): with the adapter off, the model is
+#: no longer the one loaded, so it cannot be the KL's reference
+REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
+
+
+def check_reference(model: Any) -> None:
+    """Raise ``ArrtuneError`` unless the model with its adapter off is the model as loaded: the KL needs a PEFT
+    adapter (without one the "initial model" would be the policy itself and the KL 0), and an adapter whose
+    initialisation left the base weights alone (pissa, olora, corda, loftq and eva rewrite them)."""
+    peft_config = getattr(model, "peft_config", None)
+    if not peft_config:
+        raise ArrtuneError(
+            "ARRTrainer: the KL's reference is the model with its adapter off, and this model has no PEFT "
+            "adapter; pass peft_config=LoraConfig(...) (or a PeftModel), or set kl_coef=0"
+        )
+    for name, config in peft_config.items():
+        init = str(getattr(config, "init_lora_weights", True)).lower()
+        if any(init.startswith(kind) for kind in REWRITING_INITS):
+            raise ArrtuneError(
+                f"ARRTrainer: adapter '{name}' uses init_lora_weights={config.init_lora_weights!r}, "
+                "which rewrites the base weights, so the model with the adapter off is not the initial model; "
+                "use init_lora_weights=True (or 'gaussian'), or set kl_coef=0"
+            )
 
 
 def _text_config(model: Any) -> Any:

@@ -242,7 +242,8 @@ def build_trainer(cfg: TrainConfig, args: TrainConfig, run: RunPlan, model: Any,
                   state: Any) -> Any:  # fmt: skip
     """The first write (lock the run directory; a fresh run clears it and records its config), then the
     trainer."""
-    from arrtune.trainer import ARRTrainer, MetricsJsonl
+    from arrtune.trainer import ARRTrainer
+    from arrtune.trainer_callbacks import MetricsJsonl
 
     if state.is_main_process:
         start_run(run, cfg)

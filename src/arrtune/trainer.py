@@ -26,30 +26,28 @@ The objective per micro-batch: ``mean CE(SFT label tokens) + replay_weight * mea
 from __future__ import annotations
 
 import inspect
-import json
 import math
-import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType, gather_object
-from transformers import Trainer, TrainerCallback
+from accelerate.utils import DistributedType
+from transformers import Trainer
 
 from arrtune.budget import DriftProbe, KLController
 from arrtune.config import ARRConfig
 from arrtune.data.replay import MixedReplay, ReplayStream, build_replay
-from arrtune.data.sft import collate_sft, tokenize_row
 from arrtune.errors import ArrtuneError
-from arrtune.lm import InitialModel, base_model, output_head, pad_token_id
+from arrtune.lm import InitialModel, base_model, check_reference, output_head
 from arrtune.losses import IGNORE_INDEX, PartWeights, default_chunk_rows, part_loss, token_weights
-from arrtune.rundir import StagedCheckpoints, truncate_metrics
+from arrtune.rundir import StagedCheckpoints
+from arrtune.trainer_callbacks import ControllerStep
+from arrtune.trainer_inputs import sft_collator, tokenized_dataset
+from arrtune.trainer_state import read_controller, read_replay_state, write_rank_states
 
-REPLAY_STATE = "replay_state_rank{rank}.json"
-CONTROLLER_STATE = "kl_controller_rank{rank}.json"
 #: the logged loss terms, in the order they are reduced across ranks
 TERMS = ("sft_loss", "replay_loss", "kl")
 
@@ -64,11 +62,6 @@ class _Part:
     attention: torch.Tensor
     weights: PartWeights  # per-token CE and KL weights of the shifted labels (losses.token_weights)
     mask_target: bool = False  # kl_mask_target on these rows
-
-
-#: PEFT initialisations that rewrite the base weights (W becomes W - BA): with the adapter off, the model is
-#: no longer the one loaded, so it cannot be the KL's reference
-REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
 
 
 class ARRTrainer(StagedCheckpoints, Trainer):
@@ -106,11 +99,10 @@ class ARRTrainer(StagedCheckpoints, Trainer):
         if args.resolved_kl_coef() > 0:
             check_reference(model)
         if processing_class is not None:
-            train_dataset = _tokenized(train_dataset, processing_class, args, "train_dataset")
-            eval_dataset = _tokenized(eval_dataset, processing_class, args, "eval_dataset")
+            train_dataset = tokenized_dataset(train_dataset, processing_class, args, "train_dataset")
+            eval_dataset = tokenized_dataset(eval_dataset, processing_class, args, "eval_dataset")
             if data_collator is None:
-                pad_id = pad_token_id(processing_class)
-                data_collator = lambda batch: collate_sft(batch, pad_id)  # noqa: E731
+                data_collator = sft_collator(processing_class)
         #: the self-replay generation record (answers, tokens, seconds, cache file); empty without self-replay
         self.self_replay_info: dict[str, Any] = {}
         if processing_class is not None and replay is None and args.resolved_replay_ratio() > 0:
@@ -120,6 +112,11 @@ class ARRTrainer(StagedCheckpoints, Trainer):
                                                          PartialState())  # fmt: skip
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *rest,
                          **kwargs)  # fmt: skip
+        self._init_loss_state(replay)
+        self._init_drift_budget()
+
+    def _init_loss_state(self, replay: ReplayStream | MixedReplay | None) -> None:
+        """The loss step's settings and bookkeeping, once the Trainer is built (``self.args``, the accelerator)."""
         #: the method's coefficients, resolved from the config (a preset's or the user's)
         self.kl_coef = self.args.resolved_kl_coef()
         self.replay_ratio = self.args.resolved_replay_ratio()
@@ -143,6 +140,10 @@ class ARRTrainer(StagedCheckpoints, Trainer):
         self._last_logged_step = 0
         #: the optimizer step (1-based) whose loss was NaN or inf, once training stopped because of it
         self.nonfinite_step: int | None = None
+
+    def _init_drift_budget(self) -> None:
+        """With a ``drift_budget`` (and a KL): the controller that adapts ``kl_coef``, its probe passages, and
+        the callback that updates it after every optimizer step."""
         #: the drift-budget controller (None: kl_coef is fixed) and the passages it measures drift on (None:
         #: it reads the KL of the loss's KL tokens)
         self.controller: KLController | None = None
@@ -159,7 +160,7 @@ class ARRTrainer(StagedCheckpoints, Trainer):
         self.probe_kl: float | None = None  # the probe's latest measurement
         self._step_kl: list[float] = []  # KL of this optimizer step's micro-batches, for the controller
         if self.controller is not None:
-            self.add_callback(_ControllerStep(self))
+            self.add_callback(ControllerStep(self))
 
     def _probe_texts(self) -> list[str]:
         """The drift probe's passages: ``drift_probe`` documents of the replay corpus (none without a corpus,
@@ -371,6 +372,8 @@ class ARRTrainer(StagedCheckpoints, Trainer):
                 self._term_counts[name] = self._term_counts.get(name, 0) + 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:  # type: ignore[override]
+        """The Trainer's record plus each loss term (averaged over ranks), throughput, step time and the
+        controller's state; a non-finite term stops training on every rank."""
         if "loss" in logs:
             # sums and counts of every rank's micro-batch means (the Trainer calls log on all ranks)
             totals = torch.tensor(
@@ -411,118 +414,19 @@ class ARRTrainer(StagedCheckpoints, Trainer):
 
     # -- what a checkpoint adds to the Trainer's (staging and renaming: rundir.StagedCheckpoints) ----------
     def may_checkpoint(self) -> bool:
-        return self.nonfinite_step is None  # never checkpoint a diverged model
+        """False once the loss was NaN or inf: a diverged model is never checkpointed."""
+        return self.nonfinite_step is None
 
     def write_checkpoint_state(self, directory: Path) -> None:
         """Every rank's replay position and drift-budget controller (the same on all ranks), written by the
-        main process."""
-        if self.replay is not None:
-            states = gather_object([self.replay.state_dict()])
-            if self.args.should_save:
-                for state in states:
-                    path = directory / REPLAY_STATE.format(rank=state["rank"])
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(json.dumps(state))
-        if self.controller is not None:
-            states = gather_object([asdict(self.controller)])
-            if self.args.should_save:
-                for rank, state in enumerate(states):
-                    (directory / CONTROLLER_STATE.format(rank=rank)).write_text(json.dumps(state))
+        main process (:func:`arrtune.trainer_state.write_rank_states`)."""
+        write_rank_states(directory, self.replay, self.controller, self.args.should_save)
 
     def load_replay_state(self, checkpoint: str) -> None:
         """Restore this rank's replay stream position (and the step bookkeeping) from a checkpoint directory."""
         step = Path(checkpoint).name.rsplit("-", 1)[-1]
         self._last_logged_step = int(step) if step.isdigit() else 0
         if self.controller is not None:
-            path = Path(checkpoint, CONTROLLER_STATE.format(rank=self.args.process_index))
-            try:
-                saved = json.loads(path.read_text(encoding="utf-8"))
-                self.controller = KLController(**saved)
-            except (OSError, ValueError, TypeError) as exc:
-                raise ArrtuneError(f"{path}: unreadable drift-budget controller state ({exc})") from exc
-        if self.replay is None:
-            return
-        path = Path(checkpoint, REPLAY_STATE.format(rank=self.args.process_index))
-        if not path.is_file():
-            raise ArrtuneError(
-                f"{checkpoint}: no replay position for rank {self.args.process_index} "
-                "(saved with a different number of processes?)"
-            )
-        try:
-            state = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ArrtuneError(f"{path}: unreadable replay position ({exc})") from exc
-        self.replay.load_state_dict(state)
-
-
-def check_reference(model: Any) -> None:
-    """Raise ``ArrtuneError`` unless the model with its adapter off is the model as loaded: the KL needs a PEFT
-    adapter (without one the "initial model" would be the policy itself and the KL 0), and an adapter whose
-    initialisation left the base weights alone (pissa, olora, corda, loftq and eva rewrite them)."""
-    peft_config = getattr(model, "peft_config", None)
-    if not peft_config:
-        raise ArrtuneError(
-            "ARRTrainer: the KL's reference is the model with its adapter off, and this model has no PEFT "
-            "adapter; pass peft_config=LoraConfig(...) (or a PeftModel), or set kl_coef=0"
-        )
-    for name, config in peft_config.items():
-        init = str(getattr(config, "init_lora_weights", True)).lower()
-        if any(init.startswith(kind) for kind in REWRITING_INITS):
-            raise ArrtuneError(
-                f"ARRTrainer: adapter '{name}' uses init_lora_weights={config.init_lora_weights!r}, "
-                "which rewrites the base weights, so the model with the adapter off is not the initial model; "
-                "use init_lora_weights=True (or 'gaussian'), or set kl_coef=0"
-            )
-
-
-def _tokenized(dataset: Any, tokenizer: Any, args: ARRConfig, name: str) -> Any:
-    """``dataset`` (a ``datasets.Dataset``, a list of rows, or None) as a list of ``{"input_ids", "labels"}``
-    rows, longer than ``args.max_length`` ones dropped as arrtune train drops them; a dict of datasets
-    (several evaluation sets) is tokenized per set."""
-    if dataset is None:
-        return None
-    if isinstance(dataset, dict):
-        return {key: _tokenized(value, tokenizer, args, f"{name}[{key}]") for key, value in dataset.items()}
-    rows = []
-    for i, row in enumerate(dataset):
-        example = tokenize_row(dict(row), tokenizer, f"{name}[{i}]", args.assistant_only_loss,
-                               args.completion_only_loss, args.dataset_text_field,
-                               args.prompt_completion_as_chat)  # fmt: skip
-        if len(example["input_ids"]) <= args.max_length:
-            rows.append(example)
-    if not rows:
-        raise ArrtuneError(f"{name}: no rows of at most max_length={args.max_length} tokens")
-    return rows
-
-
-class _ControllerStep(TrainerCallback):
-    """Runs the drift-budget controller after every optimizer step."""
-
-    def __init__(self, trainer: ARRTrainer) -> None:
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[override]
-        self.trainer.controller_step()
-
-
-class MetricsJsonl(TrainerCallback):
-    """Append every log record (with its step) to ``metrics.jsonl`` on the main process. When resuming
-    (``after_resume`` = the checkpoint's step), the records logged after that step are dropped once the
-    checkpoint has loaded (they will be logged again), not before."""
-
-    def __init__(self, path: str | os.PathLike, after_resume: int | None = None) -> None:
-        self.path = Path(path)
-        self.after_resume = after_resume
-
-    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[override]
-        if self.after_resume is not None and state.is_world_process_zero:
-            truncate_metrics(self.path, self.after_resume)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[override]
-        if state.is_world_process_zero and logs:
-            record = {
-                "step": state.global_step,
-                **{k: v for k, v in logs.items() if isinstance(v, (int, float))},
-            }
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            self.controller = read_controller(checkpoint, self.args.process_index)
+        if self.replay is not None:
+            self.replay.load_state_dict(read_replay_state(checkpoint, self.args.process_index))
