@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from arrtune.data.replay import ReplayStream
 from arrtune.data.sft import collate_sft, load_sft_examples
@@ -90,6 +91,37 @@ def test_builtin_task_and_collate(tiny_tokenizer) -> None:
     assert batch["input_ids"].shape == (4, max(lengths))
     assert batch["attention_mask"].sum(1).tolist() == lengths
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+
+
+def _right_padded(rows: list[list[int]], value: int) -> torch.Tensor:
+    """The reference: each row followed by ``value`` up to the longest row, as a long tensor."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([[*r, *[value] * (width - len(r))] for r in rows], dtype=torch.long)
+
+
+@pytest.mark.parametrize("spec", ["builtin:vornish", "builtin:keywords"])
+def test_collate_sft_right_pads_ids_labels_and_mask_as_the_reference(spec: str, tiny_tokenizer) -> None:
+    """collate_sft (torch's pad_sequence) gives the tensors of the hand-written padding it replaced: ids padded
+    with the given id, labels with IGNORE_INDEX, a mask of ones then zeros; int64 throughout."""
+    examples, _ = load_sft_examples(spec, tiny_tokenizer, max_length=128)
+    batches = [examples[i : i + size] for size in (1, 2, 4, 7) for i in range(0, 28, size)]
+    assert any(len({len(e["input_ids"]) for e in b}) > 1 for b in batches)  # padding is exercised
+    for rows in batches:
+        for pad in (tiny_tokenizer.pad_token_id, 7):
+            batch = collate_sft(rows, pad)
+            expected = {
+                "input_ids": _right_padded([e["input_ids"] for e in rows], pad),
+                "labels": _right_padded([e["labels"] for e in rows], IGNORE_INDEX),
+                "attention_mask": _right_padded([[1] * len(e["input_ids"]) for e in rows], 0),
+            }
+            assert list(batch) == list(expected)
+            for key, tensor in expected.items():
+                assert batch[key].dtype == torch.long and torch.equal(batch[key], tensor), key
+
+
+def test_collate_sft_refuses_labels_of_another_length() -> None:
+    with pytest.raises(ArrtuneError, match=r"row 1: 2 labels for 3 input_ids"):
+        collate_sft([{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [1, 2, 3], "labels": [1, 2]}], 0)
 
 
 def corpus(tmp_path: Path, n: int = 9) -> str:

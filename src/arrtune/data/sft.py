@@ -290,14 +290,20 @@ def _plain_prompt_completion(
 
 
 def collate_sft(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of tokenized examples to the longest one."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    """Right-pad tokenized examples to the longest one (``torch.nn.utils.rnn.pad_sequence``): ``input_ids``
+    with ``pad_token_id``, ``labels`` with ``IGNORE_INDEX``, and their ``attention_mask``, all int64.
+
+    The pad id is given, not read from a tokenizer (transformers' ``DataCollatorForSeq2Seq`` pads on the
+    tokenizer's ``padding_side`` and refuses a tokenizer without a pad token)."""
+    from torch.nn.utils.rnn import pad_sequence
+
     for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
-        attention[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+        if len(e["labels"]) != len(e["input_ids"]):
+            raise ArrtuneError(f"row {i}: {len(e['labels'])} labels for {len(e['input_ids'])} input_ids")
+    ids = [torch.tensor(e["input_ids"], dtype=torch.long) for e in examples]
+    labels = [torch.tensor(e["labels"], dtype=torch.long) for e in examples]
+    return {
+        "input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_token_id),
+        "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
+        "attention_mask": pad_sequence([torch.ones_like(t) for t in ids], batch_first=True, padding_value=0),
+    }
