@@ -268,7 +268,8 @@ def build_trainer(cfg: TrainConfig, args: TrainConfig, run: RunPlan, model: Any,
 @contextmanager
 def environment(name: str, value: str | None) -> Iterator[None]:
     """Within the block, environment variable ``name`` is ``value`` (unchanged when None); then as before, so
-    that one run's setting does not reach the next run in this process."""
+    that one run's setting does not reach the next run in this process. Only ``name`` is restored: what the
+    block sets besides it stays (``unittest.mock.patch.dict(os.environ)`` would undo that too)."""
     before = os.environ.get(name)
     if value is not None:
         os.environ[name] = value
