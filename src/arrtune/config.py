@@ -58,8 +58,10 @@ PRESETS: dict[str, tuple[float, float]] = {
     "arr": (1.0, 0.25),
 }
 #: share of the replay tokens that are the base model's own answers (self-replay) unless ``replay_mix`` is
-#: set. It applies to ``replay`` and ``arr`` alike, so that the two differ only by the KL.
-DEFAULT_REPLAY_MIX = 0.0
+#: set: corpus replay alone keeps the model's text but not its answering behaviour (a format fine-tune still
+#: takes over unrelated answers); half each keeps both (docs/study.md, "Choosing the default"). It applies to
+#: ``replay`` and ``arr`` alike, so that the two differ only by the KL.
+DEFAULT_REPLAY_MIX = 0.5
 
 
 def _field(default: Any, help: str, **kw: Any) -> Any:
@@ -156,7 +158,8 @@ class ARRConfig(TrainingArguments):
         DEFAULT_REPLAY_MIX,
         "Share of the replay tokens that are self-replay (the base model's own answers to general prompts, "
         "generated once before training and cached), the rest coming from the 'replay' corpus: 0 = corpus "
-        "only, 0.5 = half each, 1 = self only ('replay: self' means 1). Needs a chat template.",
+        "only, 0.5 = half each (the default: corpus replay alone keeps text, not answering behaviour; "
+        "docs/study.md), 1 = self only ('replay: self' means 1). Needs a chat template.",
     )
     replay_prompts: str | None = _field(
         None,
