@@ -50,6 +50,36 @@ def generation_flops(config: dict, stats: dict[str, float], body: int, head: int
     return 2 * (body + head) * 1.1 * ratio * self_share(config) * stats["tokens"]
 
 
+def _mean_sd(values: list[float]) -> str:
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{m:.2f} ± {sd:.2f}"
+
+
+def table(groups: dict[str, dict], rows: dict[str, dict], vs_sft: dict, vs_base: dict) -> str:
+    """A markdown table of every setting: seed means ± sd, and the paired changes the rule reads."""
+    head = (
+        "| setting | seeds | cost × sft | task EM | EM − sft | bleed | IF prompt strict | IF − base | "
+        "IF instr. strict − base | KL books | KL chat |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name in sorted(groups, key=lambda n: rows[n]["cost"]):
+        runs = list(groups[name]["runs"].values())
+        row, s, b = rows[name], vs_sft.get(name, {}), vs_base.get(name, {})
+
+        def paired(d: dict, key: str) -> str:
+            return f"{d[key]:+.3f} ± {d[key + '_stderr']:.3f}" if key in d else "–"
+
+        lines.append(
+            f"| {name} | {row['n']} | {row['cost']:.2f} | {_mean_sd([r['adapted']['task/exact_match'] for r in runs])} "
+            f"| {paired(s, 'task/exact_match')} | {_mean_sd([r['adapted']['bleed'] for r in runs])} "
+            f"| {_mean_sd([r['adapted']['ifeval/prompt_strict'] for r in runs])} | {paired(b, 'ifeval/prompt_strict')} "
+            f"| {_mean_sd([r['delta']['ifeval/instruction_strict'] for r in runs])} "
+            f"| {row['drift/books']:.3f} ± {row['drift/books_sd']:.3f} | {row['drift/chat']:.3f} ± {row['drift/chat_sd']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def judge(directory: Path) -> tuple[dict[str, dict], list[str]]:
     """Per candidate of one grid: its cost, the four tests' values and verdicts; and the lines printed."""
     groups = load_groups([directory])
@@ -63,7 +93,7 @@ def judge(directory: Path) -> tuple[dict[str, dict], list[str]]:
     names = sorted(p.name for p in directory.glob("runs/*") if (p / "eval.json").is_file())
     vs_sft = {r["run"]: r for r in paired_differences(directory, names, SFT)}
     vs_base = {r["run"]: r for r in paired_differences(directory, names, None)}
-    out, lines = {}, [f"## {directory}"]
+    out, lines = {}, [f"## {directory}", "", table(groups, rows, vs_sft, vs_base), ""]
     for name in sorted((n for n in groups if n != SFT), key=lambda n: rows[n]["cost"]):
         row = rows[name]
         ref = rows[REFERENCE]
