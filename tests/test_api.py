@@ -283,3 +283,22 @@ def test_self_replay_without_a_chat_template_is_one_line(tiny_model_dir, tiny_to
     trainer = ARRTrainer(model, _args(tmp_path, replay_mix=0.0), train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer)  # fmt: skip
     assert trainer.self_replay_info == {} and trainer.replay is not None
+
+
+def test_a_script_parses_arrconfig_with_hfargumentparser(tmp_path) -> None:
+    """Scripts parse TrainingArguments with HfArgumentParser; ARRConfig's fields come along, typed."""
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(ARRConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--kl_coef", "0.5", "--replay_mix", "0.25", "--method", "replay",
+         "--prompt_completion_as_chat", "true", "--use_cpu", "true", "--report_to", "none"],
+        look_for_args_file=False,
+    )  # fmt: skip
+    assert isinstance(args, ARRConfig)
+    assert (args.kl_coef, args.replay_mix, args.method, args.prompt_completion_as_chat) == (
+        0.5,
+        0.25,
+        "replay",
+        True,
+    )
+    assert args.resolved_replay_ratio() == 0.25
