@@ -130,9 +130,13 @@ def test_two_processes_match_one_process_and_shard_the_replay_stream(
     consumed = []
     for rank in (0, 1):
         state = json.loads((ckpt / f"replay_state_rank{rank}.json").read_text())
-        assert (state["rank"], state["world_size"], state["epoch"]) == (rank, 2, 0)
+        assert (state["rank"], state["world_size"]) == (rank, 2)
+        # the default replay mixes the model's own answers ("first") with the corpus ("second"), both sharded
+        assert (state["first"]["rank"], state["first"]["world_size"]) == (rank, 2)
+        corpus = state["second"]
+        assert (corpus["rank"], corpus["world_size"], corpus["epoch"]) == (rank, 2, 0)
         order = ReplayStream(str(replay), tiny_tokenizer, rank=rank, world_size=2, seed=5).document_ids(0)
-        consumed.append(set(order[: state["docs_consumed"]]))
+        consumed.append(set(order[: corpus["docs_consumed"]]))
     assert consumed[0] and consumed[1] and not consumed[0] & consumed[1]
     single = json.loads(
         (tmp_path / "one" / "checkpoints" / "checkpoint-6" / "replay_state_rank0.json").read_text()
