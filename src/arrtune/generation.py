@@ -70,14 +70,39 @@ def generate(
     ``"auto"``; evaluation keeps the dynamic cache, so its answers do not depend on the device's cache kind."""
     base = base_model(model)
     device = next(base.parameters()).device
+    cache = _cache_kind(base, device, cache)
+    eos = eos_token_ids(model, tokenizer)
+    pad_id = pad_token_id(tokenizer)
+    config = _generation_config(max_new_tokens, eos, pad_id, temperature, top_p, cache)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    outputs: list[list[int]] = [[] for _ in prompts]
+    with eval_mode(model), tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False) as bar:
+        for batch in batched(order, batch_size):
+            ids, mask = _left_padded([prompts[i] for i in batch], pad_id)
+            out = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+            )
+            for r, i in enumerate(batch):
+                outputs[i] = _until_eos(out[r, ids.shape[1] :].tolist(), eos)
+            bar.update(len(batch))
+    return outputs
+
+
+def _cache_kind(base, device: torch.device, cache: str) -> str:
+    """``cache`` with ``"auto"`` resolved for this model and device; a ValueError for an unknown kind."""
     if cache == "auto":
         quantizer = getattr(base, "hf_quantizer", None)
         compilable = quantizer is None or getattr(quantizer, "is_compileable", False)
         cache = "static" if device.type == "cuda" and compilable else "dynamic"
     if cache not in CACHE_KINDS:
         raise ValueError(f"cache: {cache!r}, expected one of {', '.join(CACHE_KINDS)} or 'auto'")
-    eos = eos_token_ids(model, tokenizer)
-    pad_id = pad_token_id(tokenizer)
+    return cache
+
+
+def _generation_config(
+    max_new_tokens: int, eos: list[int], pad_id: int, temperature: float, top_p: float, cache: str
+) -> GenerationConfig:
+    """Greedy (or, with ``temperature`` > 0, nucleus-sampling) decoding with the given kind of cache."""
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {
         "do_sample": False}  # fmt: skip
     static = {"cache_implementation": "static"} if cache.startswith("static") else {}
@@ -85,7 +110,7 @@ def generate(
         compile_config = CompileConfig(fullgraph=False)
         compile_config._compile_all_devices = True  # transformers compiles only on accelerators by default
         static["compile_config"] = compile_config
-    config = GenerationConfig(
+    return GenerationConfig(
         max_new_tokens=max_new_tokens,
         num_beams=1,
         eos_token_id=eos,
@@ -93,29 +118,26 @@ def generate(
         **sampling,
         **static,
     )
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    outputs: list[list[int]] = [[] for _ in prompts]
-    with eval_mode(model), tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False) as bar:
-        for batch in batched(order, batch_size):
-            width = max(len(prompts[i]) for i in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, i in enumerate(batch):
-                p = list(prompts[i])
-                ids[r, width - len(p) :] = torch.tensor(p)
-                mask[r, width - len(p) :] = 1
-            out = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
-            )
-            for r, i in enumerate(batch):
-                new = out[r, width:].tolist()
-                for k, tok in enumerate(new):
-                    if tok in eos:
-                        new = new[: k + 1]
-                        break
-                outputs[i] = new
-            bar.update(len(batch))
-    return outputs
+
+
+def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and attention mask of a batch of prompts, left-padded to the longest."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, prompt in enumerate(prompts):
+        p = list(prompt)
+        ids[r, width - len(p) :] = torch.tensor(p)
+        mask[r, width - len(p) :] = 1
+    return ids, mask
+
+
+def _until_eos(tokens: list[int], eos: list[int]) -> list[int]:
+    """The generated tokens up to and including the first EOS token (all of them without one)."""
+    for k, tok in enumerate(tokens):
+        if tok in eos:
+            return tokens[: k + 1]
+    return tokens
 
 
 def decode(tokenizer, ids: Sequence[int]) -> str:

@@ -130,56 +130,83 @@ def _pack_rows(trees: list[_Tree], width: int) -> list[list[int]]:
     return [rows[r] for r in sorted(range(len(rows)), key=lambda r: -fill[r])]
 
 
-def _score_rows(
-    parts: LMParts, trees: list[_Tree], rows: list[list[int]], pad_id: int, tree_mask: bool = True
-) -> dict[int, list[float]]:
-    """Summed continuation log-probabilities of the trees packed in ``rows`` (tree index -> per path)."""
+@dataclass
+class _Layout:
+    """Trees packed in rows as model inputs, and which output positions score which continuation tokens."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    padding: torch.Tensor
+    allowed: torch.Tensor | None  # (rows, width, width): position q may attend to k; pads see themselves
+    head_pos: dict[tuple[int, int], int] = field(default_factory=dict)  # (row, column) -> index at the head
+    node_head: list[int] = field(default_factory=list)  # per scored node: head index of its parent
+    node_token: list[int] = field(default_factory=list)  # per scored node: its token
+    branch_nodes: list[int] = field(default_factory=list)  # with branch_ids: (scored node, branch) pairs
+    branch_ids: list[int] = field(default_factory=list)
+    branches: list[tuple[int, int]] = field(default_factory=list)  # branch index -> (tree index, path index)
+
+    def place(self, r: int, offset: int, k: int, tree: _Tree) -> None:
+        """Put tree ``k`` in row ``r`` from column ``offset`` on, and register its paths' scored nodes."""
+        m = len(tree)
+        self.input_ids[r, offset : offset + m] = torch.tensor(tree.tokens)
+        self.position_ids[r, offset : offset + m] = torch.tensor(tree.depths)
+        self.padding[r, offset : offset + m] = 1
+        if self.allowed is not None:
+            self.allowed[r, offset : offset + m, offset : offset + m] = tree.ancestors()
+        scored: dict[int, int] = {}  # tree node -> scored node index
+        for p, path in enumerate(tree.paths):
+            b = len(self.branches)
+            self.branches.append((k, p))
+            for node in path:
+                if node not in scored:
+                    key = (r, offset + tree.parents[node])
+                    if key not in self.head_pos:
+                        self.head_pos[key] = len(self.head_pos)
+                    scored[node] = len(self.node_head)
+                    self.node_head.append(self.head_pos[key])
+                    self.node_token.append(tree.tokens[node])
+                self.branch_nodes.append(scored[node])
+                self.branch_ids.append(b)
+
+
+def _layout_rows(trees: list[_Tree], rows: list[list[int]], pad_id: int, tree_mask: bool) -> _Layout:
+    """The packed rows' inputs (right-padded to the widest row) and scored positions."""
     width = max(sum(len(trees[k]) for k in row) for row in rows)
     n = len(rows)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((n, width), dtype=torch.long)
-    allowed = torch.eye(width, dtype=torch.bool).repeat(n, 1, 1) if tree_mask else None  # pads see themselves
-    padding = torch.zeros((n, width), dtype=torch.long)
-    head_pos: dict[tuple[int, int], int] = {}  # (row, column) -> index among positions given to the head
-    node_head, node_token = [], []  # per scored node: head index of its parent, its token
-    branch_nodes, branch_ids = [], []  # (scored node index, branch index) pairs
-    branches: list[tuple[int, int]] = []  # branch index -> (tree index, path index)
+    layout = _Layout(
+        input_ids=torch.full((n, width), pad_id, dtype=torch.long),
+        position_ids=torch.zeros((n, width), dtype=torch.long),
+        padding=torch.zeros((n, width), dtype=torch.long),
+        allowed=torch.eye(width, dtype=torch.bool).repeat(n, 1, 1) if tree_mask else None,
+    )
     for r, row in enumerate(rows):
         offset = 0
         for k in row:
-            tree = trees[k]
-            m = len(tree)
-            input_ids[r, offset : offset + m] = torch.tensor(tree.tokens)
-            position_ids[r, offset : offset + m] = torch.tensor(tree.depths)
-            padding[r, offset : offset + m] = 1
-            if allowed is not None:
-                allowed[r, offset : offset + m, offset : offset + m] = tree.ancestors()
-            scored: dict[int, int] = {}  # tree node -> scored node index
-            for p, path in enumerate(tree.paths):
-                b = len(branches)
-                branches.append((k, p))
-                for node in path:
-                    if node not in scored:
-                        key = (r, offset + tree.parents[node])
-                        if key not in head_pos:
-                            head_pos[key] = len(head_pos)
-                        scored[node] = len(node_head)
-                        node_head.append(head_pos[key])
-                        node_token.append(tree.tokens[node])
-                    branch_nodes.append(scored[node])
-                    branch_ids.append(b)
-            offset += m
-    if allowed is not None:
+            layout.place(r, offset, k, trees[k])
+            offset += len(trees[k])
+    return layout
+
+
+def _head_states(parts: LMParts, layout: _Layout) -> torch.Tensor:
+    """One forward pass over the rows; the last hidden states at the positions given to the head."""
+    if layout.allowed is not None:
+        n, width = layout.input_ids.shape
         mask = torch.zeros((n, 1, width, width), dtype=parts.dtype)
-        mask.masked_fill_(~allowed[:, None], torch.finfo(parts.dtype).min)
+        mask.masked_fill_(~layout.allowed[:, None], torch.finfo(parts.dtype).min)
         hidden = parts.hidden(
-            input_ids.to(parts.device), mask.to(parts.device), position_ids.to(parts.device)
+            layout.input_ids.to(parts.device), mask.to(parts.device), layout.position_ids.to(parts.device)
         )
     else:  # one single-path tree per row: a plain causal model call with a padding mask
-        hidden = parts.hidden(input_ids.to(parts.device), padding.to(parts.device), None)
-    rows_t = torch.tensor([key[0] for key in head_pos], dtype=torch.long)
-    cols_t = torch.tensor([key[1] for key in head_pos], dtype=torch.long)
-    selected = hidden[rows_t.to(hidden.device), cols_t.to(hidden.device)]
+        hidden = parts.hidden(layout.input_ids.to(parts.device), layout.padding.to(parts.device), None)
+    rows_t = torch.tensor([key[0] for key in layout.head_pos], dtype=torch.long)
+    cols_t = torch.tensor([key[1] for key in layout.head_pos], dtype=torch.long)
+    return hidden[rows_t.to(hidden.device), cols_t.to(hidden.device)]
+
+
+def _node_logprobs(
+    parts: LMParts, selected: torch.Tensor, node_head: list[int], node_token: list[int]
+) -> torch.Tensor:
+    """Float64 log-probability of each scored node's token, from its parent's hidden state."""
     node_head_t = torch.tensor(node_head, dtype=torch.long)
     node_token_t = torch.tensor(node_token, dtype=torch.long)
     # log p(token) = logit[token] - logsumexp(logits) at the parent's position, head applied in chunks
@@ -190,12 +217,21 @@ def _score_rows(
         logsumexp[s] = torch.logsumexp(logits, dim=-1)
         in_chunk = (node_head_t >= s.start) & (node_head_t < s.stop)
         gathered[in_chunk] = logits[node_head_t[in_chunk] - s.start, node_token_t[in_chunk]]
-    node_logprob = (gathered - logsumexp[node_head_t]).double()
-    sums = torch.zeros(len(branches), dtype=torch.float64)
-    if branch_nodes:
-        sums.index_add_(0, torch.tensor(branch_ids), node_logprob[torch.tensor(branch_nodes)])
+    return (gathered - logsumexp[node_head_t]).double()
+
+
+def _score_rows(
+    parts: LMParts, trees: list[_Tree], rows: list[list[int]], pad_id: int, tree_mask: bool = True
+) -> dict[int, list[float]]:
+    """Summed continuation log-probabilities of the trees packed in ``rows`` (tree index -> per path)."""
+    layout = _layout_rows(trees, rows, pad_id, tree_mask)
+    selected = _head_states(parts, layout)
+    node_logprob = _node_logprobs(parts, selected, layout.node_head, layout.node_token)
+    sums = torch.zeros(len(layout.branches), dtype=torch.float64)
+    if layout.branch_nodes:
+        sums.index_add_(0, torch.tensor(layout.branch_ids), node_logprob[torch.tensor(layout.branch_nodes)])
     out: dict[int, list[float]] = {}
-    for (k, p), value in zip(branches, sums.tolist()):
+    for (k, p), value in zip(layout.branches, sums.tolist()):
         out.setdefault(k, [0.0] * len(trees[k].paths))[p] = value
     return out
 

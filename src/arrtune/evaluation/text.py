@@ -94,65 +94,146 @@ def score_sequences(
     parts = LMParts(model)
     pad_id = pad_token_id(tokenizer)
     n = len(sequences)
-    nll = torch.zeros(n, dtype=torch.float64)
-    nll_base = torch.zeros(n, dtype=torch.float64)
-    kl_sum = torch.zeros(n, dtype=torch.float64)
-    misses = torch.zeros(n, dtype=torch.long)
+    totals = _Totals.zeros(n)
     order = sorted(range(n), key=lambda i: -len(sequences[i]))
     shared = shared_prefix_length(sequences, starts) if share_prefix else 0
     with eval_mode(model), tqdm(total=n, desc=desc, disable=not progress, leave=False) as bar:
         prefix = parts.prefix_cache(sequences[0][:shared]) if shared else None
-        prefix_base = None
-        for b, batch in enumerate(batched(order, batch_size)):
-            width = max(len(sequences[i]) for i in batch) - shared
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), shared + width), dtype=torch.long)
-            rows, cols, targets, owner = [], [], [], []
-            for r, i in enumerate(batch):
-                seq = list(sequences[i])
-                ids[r, : len(seq) - shared] = torch.tensor(seq[shared:])
-                mask[r, : len(seq)] = 1
-                for t in range(starts[i], len(seq)):
-                    rows.append(r)
-                    cols.append(t - 1 - shared)
-                    targets.append(seq[t])
-                    owner.append(i)
-            ids, mask = ids.to(parts.device), mask.to(parts.device)
-            rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
-            targets_t, owner_t = torch.tensor(targets), torch.tensor(owner)
-            hidden = parts.hidden(ids, mask, None, _expanded(prefix, len(batch)))[rows_t, cols_t]
-            hidden_base = None
-            if base_context is not None and base_hidden is not None and b < len(base_hidden):
-                hidden_base = base_hidden[b]
-            elif base_context is not None:
-                with base_context():
-                    if shared and prefix_base is None:
-                        prefix_base = parts.prefix_cache(sequences[0][:shared])
-                    hidden_base = parts.hidden(ids, mask, None, _expanded(prefix_base, len(batch)))
-                    hidden_base = hidden_base[rows_t, cols_t]
-                if base_hidden is not None:
-                    base_hidden.append(hidden_base)
-            for s in chunks(len(targets), HEAD_CHUNK):
-                logp = torch.log_softmax(parts.logits(hidden[s]).cpu(), dim=-1)
-                tgt = targets_t[s, None]
-                nll.index_add_(0, owner_t[s], -logp.gather(1, tgt)[:, 0].double())
-                misses.index_add_(0, owner_t[s], (logp.argmax(-1) != targets_t[s]).long())
-                if hidden_base is not None:
-                    with base_context():
-                        logp_base = torch.log_softmax(parts.logits(hidden_base[s]).cpu(), dim=-1)
-                    nll_base.index_add_(0, owner_t[s], -logp_base.gather(1, tgt)[:, 0].double())
-                    if kl:
-                        token_kl = (logp_base.exp() * (logp_base - logp)).sum(-1).clamp_min(0.0)
-                        kl_sum.index_add_(0, owner_t[s], token_kl.double())
-            bar.update(len(batch))
-    with_base = base_context is not None
-    return SequenceStats(
-        nll=nll.tolist(),
-        n_tokens=[len(q) - s for q, s in zip(sequences, starts)],
-        nll_base=nll_base.tolist() if with_base else None,
-        kl=kl_sum.tolist() if with_base and kl else None,
-        argmax_misses=misses.tolist(),
-    )
+        base_states = _BaseStates(parts, base_context, base_hidden, sequences[0][:shared] if shared else None)
+        for b, indices in enumerate(batched(order, batch_size)):
+            batch = _prepare_batch(sequences, starts, indices, shared, pad_id, parts.device)
+            hidden = parts.hidden(batch.ids, batch.mask, None, _expanded(prefix, batch.size))
+            hidden = hidden[batch.rows, batch.cols]
+            hidden_base = base_states(b, batch)
+            _add_scores(parts, totals, batch, hidden, hidden_base, base_context, kl)
+            bar.update(batch.size)
+    return totals.stats(sequences, starts, with_base=base_context is not None, kl=kl)
+
+
+@dataclass
+class _Batch:
+    """One right-padded batch (tokens after the shared prefix) and, per scored token, its place and target."""
+
+    size: int
+    ids: torch.Tensor
+    mask: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    targets: torch.Tensor
+    owner: torch.Tensor
+
+
+def _prepare_batch(
+    sequences: Sequence[Sequence[int]],
+    starts: Sequence[int],
+    indices: list[int],
+    shared: int,
+    pad_id: int,
+    device: torch.device,
+) -> _Batch:
+    """Inputs of the sequences ``indices``, and each scored token's row, column, target and sequence."""
+    width = max(len(sequences[i]) for i in indices) - shared
+    ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(indices), shared + width), dtype=torch.long)
+    rows, cols, targets, owner = [], [], [], []
+    for r, i in enumerate(indices):
+        seq = list(sequences[i])
+        ids[r, : len(seq) - shared] = torch.tensor(seq[shared:])
+        mask[r, : len(seq)] = 1
+        for t in range(starts[i], len(seq)):
+            rows.append(r)
+            cols.append(t - 1 - shared)
+            targets.append(seq[t])
+            owner.append(i)
+    ids, mask = ids.to(device), mask.to(device)
+    rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
+    targets_t, owner_t = torch.tensor(targets), torch.tensor(owner)
+    return _Batch(len(indices), ids, mask, rows_t, cols_t, targets_t, owner_t)
+
+
+class _BaseStates:
+    """The base model's last hidden states at each batch's scored positions (cached in ``base_hidden``)."""
+
+    def __init__(
+        self,
+        parts: LMParts,
+        base_context: Callable[[], AbstractContextManager] | None,
+        base_hidden: list[torch.Tensor] | None,
+        prefix_ids: Sequence[int] | None,
+    ) -> None:
+        self.parts = parts
+        self.base_context = base_context
+        self.base_hidden = base_hidden
+        self.prefix_ids = prefix_ids
+        self.prefix: Any = None  # the base model's cache of the shared prefix, built on first use
+
+    def __call__(self, b: int, batch: _Batch) -> torch.Tensor | None:
+        """States of batch ``b`` (None without a base context); new ones are appended to ``base_hidden``."""
+        if self.base_context is None:
+            return None
+        if self.base_hidden is not None and b < len(self.base_hidden):
+            return self.base_hidden[b]
+        with self.base_context():
+            if self.prefix_ids is not None and self.prefix is None:
+                self.prefix = self.parts.prefix_cache(self.prefix_ids)
+            hidden_base = self.parts.hidden(batch.ids, batch.mask, None, _expanded(self.prefix, batch.size))
+            hidden_base = hidden_base[batch.rows, batch.cols]
+        if self.base_hidden is not None:
+            self.base_hidden.append(hidden_base)
+        return hidden_base
+
+
+@dataclass
+class _Totals:
+    """Per-sequence sums: model NLL, base NLL, KL(base || model) and argmax misses."""
+
+    nll: torch.Tensor
+    nll_base: torch.Tensor
+    kl: torch.Tensor
+    misses: torch.Tensor
+
+    @classmethod
+    def zeros(cls, n: int) -> _Totals:
+        """Zero sums for ``n`` sequences."""
+        zeros = [torch.zeros(n, dtype=torch.float64) for _ in range(3)]
+        return cls(*zeros, torch.zeros(n, dtype=torch.long))
+
+    def stats(
+        self, sequences: Sequence[Sequence[int]], starts: Sequence[int], with_base: bool, kl: bool
+    ) -> SequenceStats:
+        """The sums as :class:`SequenceStats` (base NLL and KL only where computed)."""
+        return SequenceStats(
+            nll=self.nll.tolist(),
+            n_tokens=[len(q) - s for q, s in zip(sequences, starts)],
+            nll_base=self.nll_base.tolist() if with_base else None,
+            kl=self.kl.tolist() if with_base and kl else None,
+            argmax_misses=self.misses.tolist(),
+        )
+
+
+def _add_scores(
+    parts: LMParts,
+    totals: _Totals,
+    batch: _Batch,
+    hidden: torch.Tensor,
+    hidden_base: torch.Tensor | None,
+    base_context: Callable[[], AbstractContextManager] | None,
+    kl: bool,
+) -> None:
+    """Add one batch's per-token NLL, misses and (with base states) base NLL and KL, head run in chunks."""
+    owner, targets = batch.owner, batch.targets
+    for s in chunks(len(targets), HEAD_CHUNK):
+        logp = torch.log_softmax(parts.logits(hidden[s]).cpu(), dim=-1)
+        tgt = targets[s, None]
+        totals.nll.index_add_(0, owner[s], -logp.gather(1, tgt)[:, 0].double())
+        totals.misses.index_add_(0, owner[s], (logp.argmax(-1) != targets[s]).long())
+        if hidden_base is not None:
+            with base_context():
+                logp_base = torch.log_softmax(parts.logits(hidden_base[s]).cpu(), dim=-1)
+            totals.nll_base.index_add_(0, owner[s], -logp_base.gather(1, tgt)[:, 0].double())
+            if kl:
+                token_kl = (logp_base.exp() * (logp_base - logp)).sum(-1).clamp_min(0.0)
+                totals.kl.index_add_(0, owner[s], token_kl.double())
 
 
 def shared_prefix_length(sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> int:
