@@ -49,13 +49,13 @@ def behaviour_note(result: dict[str, Any], run_config: dict[str, Any] | None = N
     mix = 1.0 if config.get("replay") == "self" else float(config.get("replay_mix") or 0)
     if ratio > 0 and mix >= 0.5:
         fix = (
-            f"this run already replays the base model's own answers (replay_mix {mix:g}); more replay "
-            f"(`replay_ratio` above {ratio:g}) or `replay_mix: 1` protects behaviour further (docs/study.md)."
+            f"this run already replays the base model's own answers (replay_mix {mix:g}); more of them "
+            f"(`replay_ratio` above {ratio:g}, or `replay_mix: 1`) may protect it further (docs/study.md)."
         )
     else:
         fix = (
-            "replaying the base model's own answers fixes this at almost no cost (`method: arr` with "
-            "`replay_mix: 0.5`, docs/study.md)."
+            "replaying the base model's own answers protects answering behaviour (`method: arr`, whose "
+            "default `replay_mix: 0.5` does; docs/study.md)."
         )
     return "Behaviour not protected: " + " and ".join(problems) + "; " + fix
 
