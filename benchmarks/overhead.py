@@ -464,10 +464,10 @@ def measure(args: argparse.Namespace, device: str, results: list[dict]) -> None:
         timed = run_worker(cmd + ["--steps", str(args.steps), "--warmup", str(args.warmup), "--methods",
                                   *args.methods])  # fmt: skip
         for r in timed:  # the timing process's peak is all methods' together: each is measured alone below
-            print(f"  timed {model} {precision} {r['method']}: {r['step_s']:.2f} s/step", flush=True)
             r["peak_bytes"] = float("nan")
-            results.append(r)
+            results.append(r)  # before the line that says so: a SIGTERM after it finds the row saved
             memory_to_measure.append((r, cmd))
+            print(f"  timed {model} {precision} {r['method']}: {r['step_s']:.2f} s/step", flush=True)
     # peak memory after every row is timed (a time limit then costs peaks, not timings)
     for r, cmd in memory_to_measure:
         alone = run_alone(cmd, r["method"], r["device"])
