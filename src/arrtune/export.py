@@ -46,15 +46,13 @@ DRIFT_KEYS = ("drift/wiki", "drift/books")
 def scale_lora(peft_model: Any, scale: float) -> int:
     """Multiply every LoRA ``B`` matrix of ``peft_model`` by ``scale`` (the update ``B A`` by ``scale``);
     returns the number of matrices scaled."""
-    from arrtune.evaluation.scale import lora_b_matrices
+    from arrtune.evaluation.scale import LoraScale
 
     if not 0 <= scale <= 1:
         raise ArrtuneError(f"--scale {scale}: must be in [0, 1]")
-    matrices = lora_b_matrices(peft_model)
-    with torch.no_grad():
-        for param in matrices.values():
-            param.mul_(scale)
-    return len(matrices)
+    lora_scale = LoraScale(peft_model)
+    lora_scale.set(scale)
+    return len(lora_scale.matrices)
 
 
 def format_scale_table(rows: list[dict[str, float]], chosen: float) -> str:
