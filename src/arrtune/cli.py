@@ -88,7 +88,7 @@ def _run_grid(grid: Any, args: argparse.Namespace) -> int:
 
 
 #: what ``arrtune demo`` trains, and about how long it takes on 2 CPU cores, set-up excluded (docs/demo.md)
-DEMO_RUNS = {False: (("sft", "arr"), "8-10 minutes"), True: (("sft", "kl", "replay", "arr"), "13-16 minutes")}
+DEMO_RUNS = {False: (("sft", "arr"), "7-9 minutes"), True: (("sft", "kl", "replay", "arr"), "12-15 minutes")}
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
