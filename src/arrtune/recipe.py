@@ -169,7 +169,7 @@ class Inputs:
 
 def load_inputs(cfg: TrainConfig, state: Any) -> Inputs:
     """Tokenizer, SFT examples, the replay corpus stream (sharded per rank) and the self-replay prompts."""
-    from arrtune.data.replay import ReplayStream
+    from arrtune.data.replay import corpus_stream
     from arrtune.data.self_replay import check_chat_template, load_prompts
     from arrtune.data.sft import load_sft_examples
     from arrtune.models import load_tokenizer
@@ -188,10 +188,9 @@ def load_inputs(cfg: TrainConfig, state: Any) -> Inputs:
     self_share = cfg.resolved_replay_mix() if replay_on else 0.0
     inputs = Inputs(tokenizer, examples, stats)
     if replay_on and self_share < 1:
-        inputs.corpus = ReplayStream(
-            cfg.replay, tokenizer, cfg.replay_text_field, rank=state.process_index, world_size=state.num_processes,
-            seed=cfg.seed, hf_config=cfg.replay_config, hf_split=cfg.replay_split,
-        )  # fmt: skip
+        inputs.corpus = corpus_stream(
+            cfg, tokenizer, state
+        )  # read now: a bad corpus fails before the model loads
     if self_share > 0:
         check_chat_template(cfg, tokenizer)
         inputs.prompts = load_prompts(cfg.replay_prompts)

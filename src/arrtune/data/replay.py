@@ -276,6 +276,13 @@ class MixedReplay:
         self.second.load_state_dict(state["second"])
 
 
+def corpus_stream(args: Any, tokenizer: Any, state: Any) -> ReplayStream:
+    """The ``replay`` corpus of an :class:`arrtune.ARRConfig` as a stream, sharded for this rank of ``state``."""
+    return ReplayStream(args.replay, tokenizer, args.replay_text_field, rank=state.process_index,
+                        world_size=state.num_processes, seed=args.seed, hf_config=args.replay_config,
+                        hf_split=args.replay_split)  # fmt: skip
+
+
 def build_replay(args: Any, tokenizer: Any, examples: list[dict[str, Any]], model: Any, state: Any,
                  corpus: ReplayStream | None = None, prompts: list[str] | None = None,
                  model_key: str | None = None) -> tuple[ReplayStream | MixedReplay | None, dict[str, Any]]:  # fmt: skip
@@ -288,9 +295,7 @@ def build_replay(args: Any, tokenizer: Any, examples: list[dict[str, Any]], mode
         return None, {}
     share = args.resolved_replay_mix()
     if share < 1 and corpus is None:
-        corpus = ReplayStream(args.replay, tokenizer, args.replay_text_field, rank=state.process_index,
-                              world_size=state.num_processes, seed=args.seed, hf_config=args.replay_config,
-                              hf_split=args.replay_split)  # fmt: skip
+        corpus = corpus_stream(args, tokenizer, state)
     if share <= 0:
         return corpus, {}
     from arrtune.data.self_replay import load_prompts, self_replay_documents
